@@ -1,0 +1,33 @@
+"""The `vlmtune` console entry point: one subcommand per job, each a thin wrapper."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help). Modules are imported lazily so that
+# `vlmtune --help` and `vlmtune check-data` don't pay for torch/deepspeed imports they don't use.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "check-data": ("data.check", "main", "validate an InternVL meta file: counts per reason, lengths, tiles"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print("usage: vlmtune <command> [args]\n\ncommands:")
+        for name, (_, _, help_text) in COMMANDS.items():
+            print(f"  {name:<12} {help_text}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vlmtune: unknown command {name!r}; known: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

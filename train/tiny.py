@@ -1,0 +1,158 @@
+"""The tiny InternVL3 stand-in: a locally trained tokenizer and a random-weight checkpoint.
+
+Everything here is built offline (no model hub), so tests and the demo run anywhere. The tokenizer
+mirrors Qwen2.5's byte-level BPE (same pre-tokenizer regex, same special tokens, same chat format) at
+a vocabulary of ~1.5k; the checkpoint uses the very classes of the real `-hf` checkpoints
+(`InternVLForConditionalGeneration` + `InternVLProcessor`), just with small shapes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+VIDEO_TOKEN = "<video>"
+GROUNDING_TOKENS = ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+#: Added after the BPE vocabulary, in Qwen2.5 / InternVL3-hf order (`<video>` last: it only marks
+#: where the processor expands a video and never reaches the model).
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, *GROUNDING_TOKENS, VIDEO_TOKEN)
+
+#: The names `InternVLProcessor.__init__` reads off the tokenizer (transformers 5 turns a dict of
+#: `extra_special_tokens` into attributes `<name>` and `<name>_id`).
+NAMED_SPECIAL_TOKENS = {
+    "start_image_token": IMG_START,
+    "end_image_token": IMG_END,
+    "context_image_token": IMG_CONTEXT,
+    "video_token": VIDEO_TOKEN,
+}
+
+#: Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5): contractions, letter runs, single digits,
+#: punctuation runs, newlines, whitespace.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+#: InternVL3-hf's chat template (transformers' convert_internvl_weights_to_hf.py), with the image
+#: placeholder the processor looks for (`<IMG_CONTEXT>`). No default system prompt is injected, so
+#: a system turn appears only when the conversation has one.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+TOKENIZER_VOCAB_SIZE = 1536  # BPE vocabulary incl. the 256 byte alphabet; special tokens come on top
+MODEL_MAX_LENGTH = 8192
+
+_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "grey", "pink", "brown", "cyan")
+_SHAPES = ("circle", "square", "triangle", "rectangle", "star", "hexagon", "diamond", "ellipse", "line", "dot")
+_PLACES = ("left", "right", "top", "bottom", "centre", "center", "middle", "corner", "edge")
+_SIZES = ("small", "large", "big", "tiny", "medium")
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_PROSE = """\
+You are a helpful assistant. Look at the image and answer the question.
+What is shown in this picture? Describe the image in detail. How many objects are there?
+Which colour is the largest shape? Is there a circle in the image? Yes, there is. No, there is not.
+The answer is. The image shows a scene with several coloured shapes on a plain background.
+Please think step by step, then give the final answer. Explain your reasoning briefly.
+The first frame shows, the second frame shows, and in the last frame the object has moved.
+Question: Answer: Options: (A) (B) (C) (D) Choose the correct option. The correct option is
+Read the text in the image. Count the items. Compare the two images. What changed between them?
+I think that the picture contains a dog, a cat, a house, a tree, a car and a person walking.
+This is a photo of a street in the city at night; the lights are bright and the road is wet.
+"""
+
+
+def _training_corpus() -> list[str]:
+    """A small, deterministic English corpus biased to what the synthetic data says (colours, shapes, counts)."""
+    lines = _PROSE.splitlines()
+    for i, colour in enumerate(_COLOURS):
+        for j, shape in enumerate(_SHAPES):
+            place = _PLACES[(i + j) % len(_PLACES)]
+            size = _SIZES[(i * j) % len(_SIZES)]
+            n = (i * 7 + j * 3) % 11
+            lines.append(f"A {size} {colour} {shape} is at the {place} of the image.")
+            lines.append(f"There are {n} {colour} {shape}s ({_NUMBER_WORDS[n]}), at x={i * 13 % 100}, y={j * 29 % 100}.")
+            lines.append(f"Q: What colour is the {shape}? A: The {shape} is {colour}.")
+            lines.append(f'{{"shape": "{shape}", "colour": "{colour}", "count": {n}, "box": [{i}, {j}, {i + 9}, {j + 9}]}}')
+    lines.append("0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000 3.14 -1 +2 = 50% #1 @ & * / \\ | ~ ^ _ ` < > [ ] { }")
+    lines.append("!?.,;:'\" ... -- () '' \"\" ' '")
+    return lines
+
+
+def _train_bpe(vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+@lru_cache(maxsize=1)
+def _trained_bpe() -> Tokenizer:
+    return _train_bpe(TOKENIZER_VOCAB_SIZE)
+
+
+def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """The tiny Qwen2.5-style tokenizer, in memory; also written to `out_dir` when given.
+
+    Lossless (no normaliser: Qwen2.5's NFC step is left out so `decode(encode(x)) == x` for any
+    string) and special tokens are never split. `eos_token` is `<|im_end|>` and `pad_token` is
+    `<|endoftext|>`, as in Qwen2.5-Instruct / InternVL3-hf.
+    """
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_trained_bpe(),
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=dict(NAMED_SPECIAL_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+    )
+    named = {PAD_TOKEN, IM_END, *NAMED_SPECIAL_TOKENS.values()}
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": [t for t in SPECIAL_TOKENS if t not in named]},
+        replace_extra_special_tokens=False,
+    )
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer

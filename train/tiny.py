@@ -25,7 +25,16 @@ GROUNDING_TOKENS = ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
 #: Added after the BPE vocabulary, in Qwen2.5 / InternVL3-hf order (`<video>` last: it only marks
 #: where the processor expands a video and never reaches the model).
-SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, *GROUNDING_TOKENS, VIDEO_TOKEN)
+SPECIAL_TOKENS = (
+    PAD_TOKEN,
+    IM_START,
+    IM_END,
+    IMG_START,
+    IMG_END,
+    IMG_CONTEXT,
+    *GROUNDING_TOKENS,
+    VIDEO_TOKEN,
+)
 
 #: The names `InternVLProcessor.__init__` reads off the tokenizer (transformers 5 turns a dict of
 #: `extra_special_tokens` into attributes `<name>` and `<name>_id`).
@@ -38,9 +47,7 @@ NAMED_SPECIAL_TOKENS = {
 
 #: Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5): contractions, letter runs, single digits,
 #: punctuation runs, newlines, whitespace.
-QWEN2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 #: InternVL3-hf's chat template (transformers' convert_internvl_weights_to_hf.py), with the image
 #: placeholder the processor looks for (`<IMG_CONTEXT>`). No default system prompt is injected, so
@@ -71,11 +78,59 @@ CHAT_TEMPLATE = (
 TOKENIZER_VOCAB_SIZE = 1536  # BPE vocabulary incl. the 256 byte alphabet; special tokens come on top
 MODEL_MAX_LENGTH = 8192
 
-_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "grey", "pink", "brown", "cyan")
-_SHAPES = ("circle", "square", "triangle", "rectangle", "star", "hexagon", "diamond", "ellipse", "line", "dot")
+_COLOURS = (
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "black",
+    "white",
+    "grey",
+    "pink",
+    "brown",
+    "cyan",
+)
+_SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "rectangle",
+    "star",
+    "hexagon",
+    "diamond",
+    "ellipse",
+    "line",
+    "dot",
+)
 _PLACES = ("left", "right", "top", "bottom", "centre", "center", "middle", "corner", "edge")
 _SIZES = ("small", "large", "big", "tiny", "medium")
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_WORDS = """\
+about above across after again against all almost alone along already also although always among an and another any
+anyone anything appear apple are area around arrow as ask at away back ball be because become bed been before begin
+behind being below beside best better between bird body book both box boy bread bridge bring build but by call came
+can cannot card carry case cause chair change check child choose city class clear close cloud colour color come common
+could count cup cut dark day describe detail different do does dog door down draw during each early earth easy eat
+else empty end enough even evening every example eye face fact fall family far fast few field figure find fine fire
+first fish floor flower follow food foot for form found free friend from front full game garden gave get girl give
+glass go good great green ground group grow had half hand happy hard has have he head hear heart heavy help her here
+high hill him his hold hole home horse hot hour house how however idea if important in inside into is it its just keep
+kind know land language last late later learn least leave less let letter life light like list little live long look
+low made main make man many map may me mean measure might mind minute more morning most mother mountain move much
+must my name near need never new next night no not note nothing now number object of off often old on once only open
+or order other our out outside over own page paper part pass past pattern people person picture piece place plan
+plant play point position possible power present problem pull push put question quick quiet rain reach read ready
+real reason region remember rest river road rock room round row rule run said same saw say school sea second see seem
+self sentence set several shape she short should show side sign simple since sing sit size sky sleep slow small snow
+so some something sometimes song soon sound space stand start state stay step still stone stop story street strong
+study such sun sure surface table take talk tall teacher tell than that their them then there these they thing think
+this those though thought through time to today together told too took toward town train travel tree true try turn
+under until up upon us use usually very view wait walk wall want warm was watch water way we well went were what
+wheel when where which while why wide will window with without woman word work world would write year yes yet you
+young your above below inside outside visible hidden bright shadow texture edge border frame video scene action
+"""
 _PROSE = """\
 You are a helpful assistant. Look at the image and answer the question.
 What is shown in this picture? Describe the image in detail. How many objects are there?
@@ -92,16 +147,22 @@ This is a photo of a street in the city at night; the lights are bright and the 
 
 def _training_corpus() -> list[str]:
     """A small, deterministic English corpus biased to what the synthetic data says (colours, shapes, counts)."""
-    lines = _PROSE.splitlines()
+    lines = _PROSE.splitlines() + _WORDS.splitlines()
+    words = _WORDS.split()
+    lines += [" ".join(words[k : k + 9]).capitalize() + "." for k in range(0, len(words), 9)]
     for i, colour in enumerate(_COLOURS):
         for j, shape in enumerate(_SHAPES):
             place = _PLACES[(i + j) % len(_PLACES)]
             size = _SIZES[(i * j) % len(_SIZES)]
             n = (i * 7 + j * 3) % 11
             lines.append(f"A {size} {colour} {shape} is at the {place} of the image.")
-            lines.append(f"There are {n} {colour} {shape}s ({_NUMBER_WORDS[n]}), at x={i * 13 % 100}, y={j * 29 % 100}.")
+            lines.append(
+                f"There are {n} {colour} {shape}s ({_NUMBER_WORDS[n]}), at x={i * 13 % 100}, y={j * 29 % 100}."
+            )
             lines.append(f"Q: What colour is the {shape}? A: The {shape} is {colour}.")
-            lines.append(f'{{"shape": "{shape}", "colour": "{colour}", "count": {n}, "box": [{i}, {j}, {i + 9}, {j + 9}]}}')
+            lines.append(
+                f'{{"shape": "{shape}", "colour": "{colour}", "count": {n}, "box": [{i}, {j}, {i + 9}, {j + 9}]}}'
+            )
     lines.append("0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000 3.14 -1 +2 = 50% #1 @ & * / \\ | ~ ^ _ ` < > [ ] { }")
     lines.append("!?.,;:'\" ... -- () '' \"\" ' '")
     return lines
@@ -156,3 +217,82 @@ def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFas
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model" / "tiny.yaml"
+TINY_SEED = 0
+MAX_TILES = 12  # InternVL3's max_dynamic_patch
+
+
+def load_tiny_model_config():
+    """`configs/model/tiny.yaml` as a `ModelConfig` (through OmegaConf, as Hydra would load it)."""
+    from omegaconf import OmegaConf
+
+    from train.models import ModelConfig
+
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(TINY_CONFIG))
+    return OmegaConf.to_object(merged)
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, image_seq_length: int):
+    """`InternVLProcessor` as InternVL3-hf ships it (GotOcr2 image processor, ImageNet mean/std, bicubic, up to
+    12 tiles + thumbnail), at the given tile size."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+    from transformers.image_utils import PILImageResampling
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    size = {"height": image_size, "width": image_size}
+    image_processor = GotOcr2ImageProcessor(
+        do_resize=True,
+        size=size,
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=MAX_TILES,
+    )
+    video_processor = InternVLVideoProcessor(
+        size=size, resample=PILImageResampling.BICUBIC, image_mean=mean, image_std=std, do_convert_rgb=True
+    )
+    return InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=image_seq_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_checkpoint(path: str | Path) -> Path:
+    """Write the tiny model (fixed seed, safetensors), tokenizer and processor to `path` in `-hf` layout.
+
+    Afterwards `AutoProcessor`, `AutoTokenizer` and `InternVLForConditionalGeneration.from_pretrained(path)`
+    all work offline.
+    """
+    import torch
+
+    from train.models import build_model, num_image_tokens_per_tile
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    cfg = load_tiny_model_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = build_model(cfg, tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    image_size = _pair_first(model.config.vision_config.image_size)
+    processor = build_processor(tokenizer, image_size, num_image_tokens_per_tile(model.config))
+    processor.save_pretrained(path)
+    return path
+
+
+def _pair_first(value) -> int:
+    return int(value if isinstance(value, int) else value[0])

@@ -1,0 +1,223 @@
+"""InternVL's meta file (datasets -> jsonl annotations) and lazy access to the jsonl lines.
+
+The meta file is the one InternVL's `internvl_chat/shell/data/*.json` use::
+
+    {"name": {"root": "images/", "annotation": "train.jsonl", "repeat_time": 1,
+              "max_dynamic_patch": 6, "data_augment": false, "length": 1000}}
+
+Everything that can be checked before training is checked at load time: a missing file or a
+misspelt key fails at start with the meta file, dataset and key named, not hours into a run.
+Relative ``root``/``annotation`` paths resolve against the meta file's directory (InternVL
+resolves them against the working directory; anchoring them to the meta file makes a dataset
+directory relocatable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from array import array
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from data.report import SkipSample
+
+#: Keys InternVL's meta files use (internvl_chat/internvl/train/internvl_chat_finetune.py,
+#: build_datasets), plus ``min_dynamic_patch`` as the per-dataset twin of ``max_dynamic_patch``.
+KNOWN_KEYS = frozenset(
+    {"root", "annotation", "repeat_time", "max_dynamic_patch", "min_dynamic_patch", "data_augment", "length"}
+)
+
+
+class MetaError(ValueError):
+    """A start-up error in a meta file: names the file, the dataset and the key at fault."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of a meta file, with paths resolved and types checked."""
+
+    name: str
+    root: Path
+    annotation: Path
+    repeat_time: float = 1.0
+    max_dynamic_patch: int | None = None
+    min_dynamic_patch: int | None = None
+    data_augment: bool = False
+    length: int | None = None
+    meta_path: Path | None = None
+
+    @property
+    def num_records(self) -> int:
+        """Number of non-blank lines in the annotation file (indexed once, cached)."""
+        return jsonl_file(self.annotation).num_records
+
+
+def _resolve(base: Path, value: str | None) -> Path:
+    if value is None or value == "":
+        return base
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base / path
+
+
+def _number(meta: Path, name: str, key: str, value: Any, kind: type, minimum: float) -> Any:
+    ok_types = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or value < minimum:
+        raise MetaError(
+            f"{meta}: dataset {name!r}: {key!r} must be a {kind.__name__} >= {minimum}, got {value!r}"
+        )
+    return kind(value)
+
+
+def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
+    """Validate one meta entry (pure apart from the existence check of the annotation file)."""
+    if not isinstance(entry, dict):
+        raise MetaError(f"{meta}: dataset {name!r}: entry must be an object, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - KNOWN_KEYS)
+    if unknown:
+        raise MetaError(
+            f"{meta}: dataset {name!r}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(KNOWN_KEYS))})"
+        )
+    if "annotation" not in entry or not isinstance(entry["annotation"], str):
+        raise MetaError(f"{meta}: dataset {name!r}: 'annotation' (path to a .jsonl file) is required")
+    base = meta.parent
+    root = entry.get("root")
+    if root is not None and not isinstance(root, str):
+        raise MetaError(f"{meta}: dataset {name!r}: 'root' must be a string path or null, got {root!r}")
+    annotation = _resolve(base, entry["annotation"])
+    if not annotation.is_file():
+        raise MetaError(f"{meta}: dataset {name!r}: annotation file not found: {annotation}")
+    augment = entry.get("data_augment", False)
+    if not isinstance(augment, bool):
+        raise MetaError(f"{meta}: dataset {name!r}: 'data_augment' must be true/false, got {augment!r}")
+    optional_int = {}
+    for key in ("max_dynamic_patch", "min_dynamic_patch", "length"):
+        value = entry.get(key)
+        optional_int[key] = (
+            None if value is None else _number(meta, name, key, value, int, 0 if key == "length" else 1)
+        )
+    return DatasetSpec(
+        name=name,
+        root=_resolve(base, root),
+        annotation=annotation,
+        repeat_time=_number(meta, name, "repeat_time", entry.get("repeat_time", 1.0), float, 0.0),
+        data_augment=augment,
+        meta_path=meta,
+        **optional_int,
+    )
+
+
+def load_meta(path: str | Path) -> list[DatasetSpec]:
+    """Read and validate an InternVL meta JSON; raises `MetaError` naming file, dataset and key."""
+    meta = Path(path).absolute()
+    if not meta.is_file():
+        raise MetaError(f"meta file not found: {meta}")
+    try:
+        entries = json.loads(meta.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MetaError(f"{meta}:{e.lineno}: not valid JSON: {e.msg}") from e
+    if not isinstance(entries, dict) or not entries:
+        raise MetaError(f"{meta}: expected a non-empty object {{dataset name: entry}}")
+    return [parse_entry(meta, name, entry) for name, entry in entries.items()]
+
+
+class JsonlFile:
+    """Random access to the records of a jsonl file without loading or parsing it.
+
+    The byte offsets of the non-blank lines are indexed once (no JSON parsing, so indexing a
+    multi-GB annotation takes seconds); ``read(k)`` parses record k on demand. Reads use
+    ``os.pread`` on a per-process descriptor, so forked dataloader workers never share a file
+    position.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._starts = array("q")
+        self._ends = array("q")
+        self._line_numbers = array("q")  # 1-based line in the file
+        pos = 0
+        with open(self.path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if raw.strip():
+                    self._starts.append(pos)
+                    self._ends.append(pos + len(raw))
+                    self._line_numbers.append(line_no)
+                pos += len(raw)
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    @property
+    def num_records(self) -> int:
+        return len(self._starts)
+
+    def line_number(self, k: int) -> int:
+        """1-based line in the file of record ``k``."""
+        return self._line_numbers[k]
+
+    def source(self, k: int) -> str:
+        """``"file:line"`` of record ``k``: what skip logs and error messages print."""
+        return f"{self.path}:{self._line_numbers[k]}"
+
+    def read_raw(self, k: int) -> bytes:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        start = self._starts[k]
+        return os.pread(self._fd, self._ends[k] - start, start)
+
+    def read(self, k: int) -> dict[str, Any]:
+        """Parse record ``k``; a line that is not a JSON object raises SkipSample("malformed_json")."""
+        raw = self.read_raw(k)
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SkipSample("malformed_json", f"{self.source(k)}: {e}") from e
+        if not isinstance(record, dict):
+            raise SkipSample(
+                "malformed_json", f"{self.source(k)}: expected a JSON object, got {type(record).__name__}"
+            )
+        return record
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+@lru_cache(maxsize=256)
+def jsonl_file(path: Path) -> JsonlFile:
+    """The (cached) `JsonlFile` for ``path``, so each annotation is indexed once per process."""
+    return JsonlFile(path)
+
+
+def expand_repeat(num_lines: int, repeat_time: float, rng: random.Random) -> list[int]:
+    """Line indices a dataset contributes to one pass, following InternVL's ``repeat_time``.
+
+    ``repeat_time = w + f`` (whole part w, fraction f): every line ``w`` times, plus a seeded
+    random subset of ``int(f * num_lines)`` distinct lines. So 0.25 keeps a random quarter and
+    2.5 gives two full copies and a random half. InternVL itself keeps the *first* fraction of
+    the file and only allows integer repeats above 1; a random subset avoids biasing towards
+    whatever order the annotation file was written in.
+    """
+    if repeat_time < 0:
+        raise ValueError(f"repeat_time must be >= 0, got {repeat_time}")
+    whole = int(repeat_time)
+    extra = int((repeat_time - whole) * num_lines + 1e-6)
+    indices = [i for _ in range(whole) for i in range(num_lines)]
+    indices += sorted(rng.sample(range(num_lines), extra))
+    return indices
+
+
+def build_index(specs: list[DatasetSpec], seed: int) -> list[tuple[int, int]]:
+    """The epoch's sample order: ``(dataset index, record index)`` pairs, shuffled with ``seed``.
+
+    Each dataset's subsample draws from its own RNG (seed, dataset position), so adding a
+    dataset to the meta file does not change which lines the others contribute.
+    """
+    index: list[tuple[int, int]] = []
+    for ds, spec in enumerate(specs):
+        rng = random.Random(f"{seed}:{ds}:{spec.name}")
+        index.extend((ds, line) for line in expand_repeat(spec.num_records, spec.repeat_time, rng))
+    random.Random(seed).shuffle(index)
+    return index

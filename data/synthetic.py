@@ -1,0 +1,402 @@
+"""A synthetic InternVL-format SFT dataset whose answers live only in the pixels.
+
+Coloured shapes on a plain background; questions ask for the colour, the shape or the count, with
+one-word answers. Everything a model could exploit without looking is made independent of the
+answer: the question's phrasing, the image's size and aspect ratio and the background are drawn
+separately, and the answers of each task are exactly balanced. So a model that ignores the image
+scores chance, and a tiny model that learns to see scores near 100%: a quick end-to-end check
+that pixels really reach the language model. Shapes are big and saturated so they survive 56 px
+tiles. Images vary from 40 to 300 px per side with aspect ratios 1:3..3:1, so dynamic tiling
+yields one to many tiles.
+
+`generate_bad_samples` writes one record of every bad-input kind among good ones, for the
+bad-input accounting tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 190),
+    "orange": (250, 130, 10),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("1", "2", "3", "4")
+BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (245, 240, 225), (215, 220, 225))
+
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "color": (
+        "What color is the shape?",
+        "What colour is the shape in the image?",
+        "Which color is the object? Answer with one word.",
+        "Name the color of the shape.",
+    ),
+    "shape": (
+        "What shape is shown?",
+        "Which shape is in the image?",
+        "What kind of shape is this? Answer with one word.",
+        "Name the shape.",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "Count the shapes in the image.",
+        "How many objects are shown? Answer with a number.",
+    ),
+    "multi_image": ("Which image shows a {colour} shape? Answer first or second.",),
+    "video": ("What color is the moving shape?", "Which colour is the shape in the video?"),
+}
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "multi_image": ("first", "second"),
+    "video": tuple(COLOURS),
+}
+#: Share of each task in the data (pure text and video are small extras).
+TASK_WEIGHTS = {"color": 0.3, "shape": 0.3, "count": 0.3, "multi_image": 0.07, "text": 0.03}
+
+_NUMBER = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of its square bounding box
+
+
+def random_size(rng: random.Random, size_range: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) with sides in ``size_range`` and aspect ratio log-uniform in 1:3..3:1."""
+    lo, hi = size_range
+    ratio = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+    long_side = rng.randint(lo, hi)
+    short_side = max(lo, round(long_side / max(ratio, 1 / ratio)))
+    return (long_side, short_side) if ratio >= 1 else (short_side, long_side)
+
+
+def layout(width: int, height: int, count: int, rng: random.Random) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping square boxes for ``count`` shapes: one per grid cell, sized from the cell.
+
+    Cells run along the long side (or a 2x2 grid for 3-4 shapes in a near-square image); each box
+    fills 60-80% of its cell's short side, so a shape is as large as the image allows.
+    """
+    if count >= 3 and max(width, height) < 2 * min(width, height):
+        cols, rows = 2, 2
+    elif width >= height:
+        cols, rows = count, 1
+    else:
+        cols, rows = 1, count
+    cells = [(c, r) for r in range(rows) for c in range(cols)]
+    rng.shuffle(cells)
+    cw, ch = width / cols, height / rows
+    boxes = []
+    for c, r in cells[:count]:
+        side = max(4, int(min(cw, ch) * rng.uniform(0.6, 0.8)))
+        x0 = int(c * cw + rng.uniform(0, cw - side))
+        y0 = int(r * ch + rng.uniform(0, ch - side))
+        boxes.append((x0, y0, x0 + side, y0 + side))
+    return boxes
+
+
+def draw(width: int, height: int, shapes: list[Shape], background: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", (width, height), background)
+    pen = ImageDraw.Draw(image)
+    for s in shapes:
+        fill = COLOURS[s.colour]
+        x0, y0, x1, y1 = s.box
+        if s.kind == "circle":
+            pen.ellipse(s.box, fill=fill)
+        elif s.kind == "square":
+            pen.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            pen.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def scene(rng: random.Random, size_range: tuple[int, int], count: int, kind: str | None, colour: str | None):
+    """An image of ``count`` shapes; kind/colour fixed when given, else random (all shapes alike)."""
+    width, height = random_size(rng, size_range)
+    kind = kind or rng.choice(SHAPES)
+    colour = colour or rng.choice(list(COLOURS))
+    shapes = [Shape(kind, colour, box) for box in layout(width, height, count, rng)]
+    return draw(width, height, shapes, rng.choice(BACKGROUNDS))
+
+
+def _balanced(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
+    out = [values[i % len(values)] for i in range(n)]
+    rng.shuffle(out)
+    return out
+
+
+def _task_counts(n: int, weights: dict[str, float]) -> dict[str, int]:
+    counts = {task: int(n * w) for task, w in weights.items()}
+    counts["color"] += n - sum(counts.values())
+    return counts
+
+
+def _turns(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+class _ImageWriter:
+    """Saves PNGs under ``images/`` and refuses byte-identical images across splits (disjoint eval)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        self.seen: set[str] = set()
+
+    def save(self, image: Image.Image, name: str) -> str | None:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=1)
+        digest = hashlib.sha1(buf.getvalue()).hexdigest()
+        if digest in self.seen:
+            return None
+        self.seen.add(digest)
+        rel = f"images/{name}.png"
+        (self.root / rel).write_bytes(buf.getvalue())
+        return rel
+
+
+def write_video(path: Path, frames: list[Image.Image], fps: int = 8) -> None:
+    """A tiny MPEG-4 video (PyAV), frames sized to even sides as yuv420p needs."""
+    import av
+
+    w, h = (frames[0].width // 2) * 2, (frames[0].height // 2) * 2
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(
+                av.VideoFrame.from_image(frame.resize((w, h))).reformat(format="yuv420p")
+            ):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def moving_shape_frames(
+    rng: random.Random, colour: str, num_frames: int = 8, size: int = 96
+) -> list[Image.Image]:
+    """A shape of ``colour`` sliding left to right across ``num_frames`` frames."""
+    kind, background = rng.choice(SHAPES), rng.choice(BACKGROUNDS)
+    side = size // 2
+    y0 = rng.randint(0, size - side)
+    frames = []
+    for i in range(num_frames):
+        x0 = round(i * (size - side) / max(1, num_frames - 1))
+        frames.append(draw(size, size, [Shape(kind, colour, (x0, y0, x0 + side, y0 + side))], background))
+    return frames
+
+
+def make_records(
+    split: str,
+    n: int,
+    rng: random.Random,
+    writer: _ImageWriter,
+    size_range: tuple[int, int],
+    num_videos: int = 0,
+) -> list[dict[str, Any]]:
+    """``n`` records (+ ``num_videos``) of the split, images written through ``writer``."""
+    records: list[dict[str, Any]] = []
+    counter = 0
+
+    def save(make) -> str:
+        nonlocal counter
+        while True:  # redraw on the (rare) byte-identical collision with an earlier image
+            counter += 1
+            rel = writer.save(make(), f"{split}_{counter:06d}")
+            if rel is not None:
+                return rel
+
+    for task, k in _task_counts(n, TASK_WEIGHTS).items():
+        if task == "text":
+            for _ in range(k):
+                a, b = rng.randint(0, 4), rng.randint(0, 4)
+                question = f"What is {_NUMBER[a]} plus {_NUMBER[b]}? Answer with a number."
+                records.append(
+                    {"conversations": _turns(question, str(a + b)), "task": task, "answer": str(a + b)}
+                )
+            continue
+        for answer in _balanced(ANSWERS[task], k, rng):
+            question = rng.choice(QUESTIONS[task])
+            record: dict[str, Any] = {"task": task, "answer": answer}
+            if task == "color":
+                record["image"] = save(lambda a=answer: scene(rng, size_range, 1, None, a))
+            elif task == "shape":
+                record["image"] = save(lambda a=answer: scene(rng, size_range, 1, a, None))
+            elif task == "count":
+                record["image"] = save(lambda a=answer: scene(rng, size_range, int(a), None, None))
+            else:
+                colour = rng.choice(list(COLOURS))
+                other = rng.choice([c for c in COLOURS if c != colour])
+                first, second = (colour, other) if answer == "first" else (other, colour)
+                record["image"] = [
+                    save(lambda c=c: scene(rng, size_range, 1, None, c)) for c in (first, second)
+                ]
+                question = question.format(colour=colour)
+            placeholder = (
+                "<image>\n" if isinstance(record["image"], str) else "Image-1: <image>\nImage-2: <image>\n"
+            )
+            record["conversations"] = _turns(placeholder + question, answer)
+            records.append(record)
+    for answer in _balanced(ANSWERS["video"], num_videos, rng):
+        counter += 1
+        rel = f"images/{split}_{counter:06d}.mp4"
+        write_video(writer.root / rel, moving_shape_frames(rng, answer))
+        question = "<video>\n" + rng.choice(QUESTIONS["video"])
+        records.append(
+            {"video": rel, "conversations": _turns(question, answer), "task": "video", "answer": answer}
+        )
+    rng.shuffle(records)
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_meta(path: Path, name: str, annotation: str, *, data_augment: bool, **extra: Any) -> Path:
+    """An InternVL meta file with one dataset whose root is the meta file's directory."""
+    entry = {"root": ".", "annotation": annotation, "data_augment": data_augment, "repeat_time": 1, **extra}
+    path.write_text(json.dumps({name: entry}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def generate_sft_dataset(
+    out_dir: str | Path,
+    *,
+    num_train: int = 2000,
+    num_eval: int = 200,
+    seed: int = 0,
+    image_size_range: tuple[int, int] = (40, 300),
+    num_videos: int = 0,
+    max_dynamic_patch: int | None = None,
+) -> Path:
+    """Write the demo dataset to ``out_dir`` and return the path of ``meta_train.json``.
+
+    Layout: ``images/``, ``train.jsonl``, ``eval.jsonl`` (held out: its images are other files and
+    never byte-identical to a training image), ``meta_train.json`` / ``meta_eval.json``. Records
+    carry InternVL's fields plus ``task`` and ``answer`` for exact-match evaluation. Deterministic
+    under ``seed``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ImageWriter(out)
+    rng = random.Random(seed)
+    extra = {} if max_dynamic_patch is None else {"max_dynamic_patch": max_dynamic_patch}
+    splits = {"train": (num_train, num_videos), "eval": (num_eval, max(0, num_videos // 4))}
+    for split, (n, videos) in splits.items():
+        records = make_records(split, n, rng, writer, image_size_range, videos)
+        write_jsonl(out / f"{split}.jsonl", records)
+        write_meta(
+            out / f"meta_{split}.json",
+            f"shapes_{split}",
+            f"{split}.jsonl",
+            data_augment=split == "train",
+            length=len(records),
+            **extra,
+        )
+    return out / "meta_train.json"
+
+
+def zero_width_png(height: int = 8) -> bytes:
+    """A PNG whose header declares width 0 (PIL cannot write one): the zero-size image case."""
+    ihdr = struct.pack(">IIBBBBB", 0, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+@dataclass
+class BadDataset:
+    """A dataset with one record of every bad-input kind: ``expected`` maps file line -> reason."""
+
+    meta_path: Path
+    annotation: Path
+    expected: dict[int, str]
+    good_lines: list[int]
+
+
+def generate_bad_samples(
+    out_dir: str | Path, *, seed: int = 0, num_good: int = 6, with_video: bool = True
+) -> BadDataset:
+    """Good records interleaved with one of each bad kind (for max_length <= 1024).
+
+    The good ones include a pure-text and a two-image record. Bad kinds: malformed JSON, missing field, bad conversation, missing / corrupt / zero-size
+    image, missing / undecodable video, placeholder mismatch, too long. ``with_video`` adds a good
+    video record (needs PyAV to write it).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ImageWriter(out)
+    rng = random.Random(seed)
+    good = make_records("good", num_good, rng, writer, (40, 200), 1 if with_video else 0)
+    singles = [r["image"] for r in good if isinstance(r.get("image"), str)]
+    img = singles[0]
+    good.append({"conversations": _turns("What is two plus two? Answer with a number.", "4"), "task": "text"})
+    pair = _turns("Image-1: <image>\nImage-2: <image>\nAre these the same? Answer yes or no.", "no")
+    good.append({"image": singles[:2], "conversations": pair, "task": "multi_image"})
+    (out / "images/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (out / "images/zero.png").write_bytes(zero_width_png())
+    (out / "images/broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    ask = _turns("<image>\nWhat color is the shape?", "red")
+    bad: list[tuple[str, str]] = [
+        ("malformed_json", '{"image": "images/x.png", "conversations": ['),
+        ("missing_field", json.dumps({"image": img, "question": "no conversations"})),
+        ("bad_conversation", json.dumps({"image": img, "conversations": _turns("<image>\nHi", "x")[::-1]})),
+        ("missing_image", json.dumps({"image": "images/does_not_exist.png", "conversations": ask})),
+        ("corrupt_image", json.dumps({"image": "images/corrupt.png", "conversations": ask})),
+        ("zero_size_image", json.dumps({"image": "images/zero.png", "conversations": ask})),
+        (
+            "missing_video",
+            json.dumps({"video": "images/nope.mp4", "conversations": _turns("<video>\nColour?", "red")}),
+        ),
+        (
+            "video_decode_error",
+            json.dumps({"video": "images/broken.mp4", "conversations": _turns("Colour?", "red")}),
+        ),
+        (
+            "placeholder_mismatch",
+            json.dumps({"image": img, "conversations": _turns("<image>\n<image>\nWhat?", "red")}),
+        ),
+        (
+            "too_long",
+            json.dumps(
+                {"image": img, "conversations": _turns("<image>\nDescribe.", " ".join(["shape"] * 2000))}
+            ),
+        ),
+    ]
+    lines: list[str] = []
+    expected: dict[int, str] = {}
+    good_lines: list[int] = []
+    goods = [json.dumps(r) for r in good]
+    while goods or bad:
+        if goods:
+            lines.append(goods.pop(0))
+            good_lines.append(len(lines))
+        if bad:
+            reason, line = bad.pop(0)
+            lines.append(line)
+            expected[len(lines)] = reason
+    annotation = out / "bad.jsonl"
+    annotation.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    meta = write_meta(out / "meta_bad.json", "bad_mix", "bad.jsonl", data_augment=False)
+    return BadDataset(meta_path=meta, annotation=annotation, expected=expected, good_lines=good_lines)

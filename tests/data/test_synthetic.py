@@ -1,0 +1,133 @@
+"""The demo dataset: deterministic, balanced, held-out eval, and the answer really is in the pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.meta import load_meta
+from data.synthetic import ANSWERS, BACKGROUNDS, COLOURS, generate_sft_dataset
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    generate_sft_dataset(out, num_train=600, num_eval=120, seed=7)
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_deterministic_under_seed(demo, tmp_path):
+    generate_sft_dataset(tmp_path / "again", num_train=600, num_eval=120, seed=7)
+    assert digest_tree(tmp_path / "again") == digest_tree(demo)
+    generate_sft_dataset(tmp_path / "other", num_train=600, num_eval=120, seed=8)
+    assert (tmp_path / "other" / "train.jsonl").read_bytes() != (demo / "train.jsonl").read_bytes()
+
+
+def test_meta_files_load_and_count(demo):
+    [train] = load_meta(demo / "meta_train.json")
+    [evals] = load_meta(demo / "meta_eval.json")
+    assert (train.num_records, evals.num_records) == (600, 120)
+    assert train.data_augment and not evals.data_augment
+
+
+def test_answers_balanced_per_task(demo):
+    by_task: dict[str, Counter] = {}
+    for r in records(demo / "train.jsonl"):
+        by_task.setdefault(r["task"], Counter())[r["answer"]] += 1
+    assert set(by_task) == {"color", "shape", "count", "multi_image", "text"}
+    for task in ("color", "shape", "count", "multi_image"):
+        counts = by_task[task]
+        assert set(counts) == set(ANSWERS[task])
+        assert max(counts.values()) - min(counts.values()) <= 1, (task, counts)
+
+
+def test_question_phrasing_does_not_give_the_answer(demo):
+    """Every phrasing of a task is used with more than one answer, so text alone cannot decide."""
+    answers_by_question: dict[str, set[str]] = {}
+    for r in records(demo / "train.jsonl"):
+        if r["task"] in ("color", "shape", "count"):
+            answers_by_question.setdefault(r["conversations"][0]["value"], set()).add(r["answer"])
+    assert all(len(a) > 1 for a in answers_by_question.values())
+
+
+def test_eval_images_disjoint_from_train(demo):
+    def images(split):
+        out = set()
+        for r in records(demo / f"{split}.jsonl"):
+            img = r.get("image", [])
+            out.update([img] if isinstance(img, str) else img)
+        return out
+
+    train, evals = images("train"), images("eval")
+    assert train and evals and not train & evals
+    train_bytes = {hashlib.sha1((demo / p).read_bytes()).hexdigest() for p in train}
+    assert not any(hashlib.sha1((demo / p).read_bytes()).hexdigest() in train_bytes for p in evals)
+
+
+def shape_pixels(image: Image.Image) -> np.ndarray:
+    """Pixels that are not any background colour (shapes are drawn without anti-aliasing)."""
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    is_background = np.all(rgb[:, :, None, :] == np.asarray(BACKGROUNDS)[None, None], axis=-1)
+    return ~np.any(is_background, axis=-1)
+
+
+def components(mask: np.ndarray) -> int:
+    seen = np.zeros_like(mask)
+    n = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        n += 1
+        queue = deque([(y, x)])
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+    return n
+
+
+def test_answer_is_in_the_pixels(demo):
+    """Colour answers are the shapes' colour; count answers are the number of separate blobs."""
+    recs = records(demo / "eval.jsonl")
+    colour_recs = [r for r in recs if r["task"] == "color"][:12]
+    count_recs = [r for r in recs if r["task"] == "count"][:12]
+    for r in colour_recs:
+        rgb = np.asarray(Image.open(demo / r["image"]).convert("RGB"))
+        mask = shape_pixels(Image.open(demo / r["image"]))
+        assert mask.mean() > 0.05  # the shape is big, not a speck
+        values = Counter(map(tuple, rgb[mask].tolist()))
+        assert values.most_common(1)[0][0] == COLOURS[r["answer"]]
+    for r in count_recs:
+        assert components(shape_pixels(Image.open(demo / r["image"]))) == int(r["answer"])
+
+
+def test_sizes_and_aspect_ratios_vary(demo):
+    sizes = [
+        Image.open(demo / r["image"]).size
+        for r in records(demo / "train.jsonl")
+        if isinstance(r.get("image"), str)
+    ]
+    ratios = [w / h for w, h in sizes]
+    assert min(min(s) for s in sizes) >= 40 and max(max(s) for s in sizes) <= 300
+    assert min(ratios) < 0.5 and max(ratios) > 2.0

@@ -1,0 +1,57 @@
+"""Helpers for end-to-end tests: a small dataset + tiny checkpoint, and `vlmtune sft` in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sft_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def sft_command(overrides: list[str], nproc: int = 1, module: str = "train.sft") -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", module, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", module, *overrides]
+
+
+def run_sft(overrides: list[str], nproc: int = 1, timeout: int = 600, module: str = "train.sft") -> subprocess.CompletedProcess:
+    proc = subprocess.run(sft_command(overrides, nproc, module), cwd=REPO, env=sft_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"vlmtune sft failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def base_overrides(ckpt: Path, meta: Path, out: Path, **extra: object) -> list[str]:
+    values = {
+        "model.pretrained": ckpt,
+        "data.meta_path": meta,
+        "train.output_dir": out,
+        "data.max_length": 1024,
+        "packing.max_tokens": 1024,
+        "packing.buffer_size": 16,
+        "train.log_every": 1,
+        "optim.lr": 1e-3,
+        "optim.warmup_ratio": 0.0,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

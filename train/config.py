@@ -1,0 +1,108 @@
+"""Structured (dataclass) schemas for the Hydra config tree; a typo'd key or a wrong type fails at start.
+
+Groups mirror the code's seams (configs/model, data, optim, deepspeed, packing, experiment);
+every field is documented where it is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from data.dataset import DataConfig
+from train.models import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay (the InternVL3 recipe's schedule)."""
+
+    lr: float = 2e-5  # peak learning rate
+    weight_decay: float = 0.05  # decoupled weight decay (not applied to biases and norms)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03  # fraction of max_steps spent warming up linearly from 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    max_grad_norm: float = 1.0  # global-norm clipping (0 disables)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The ZeRO layout; the DeepSpeed JSON is generated from these fields (see train/engine.py)."""
+
+    zero_stage: int = 0  # 0 = plain data parallel, 1/2/3 = ZeRO stages
+    offload_optimizer: bool = False  # optimizer states (and step) on CPU (ZeRO-Offload)
+    offload_param: bool = False  # parameters on CPU (ZeRO-3 only)
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    extra: dict[str, Any] = field(default_factory=dict)  # raw keys merged last into the generated JSON
+
+
+@dataclass
+class PackingConfig:
+    """Multimodal packing (data/packing.py); off = one sample per row, padded (the peers' layout)."""
+
+    enabled: bool = True
+    max_tokens: int = 8192  # tokens per pack; data.max_length must not exceed it
+    max_tiles: int | None = None  # image tiles per pack: bounds the vision tower's batch (None = no cap)
+    buffer_size: int = 64  # samples held for best-fit packing; larger = fuller packs
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"  # offline by default: nothing leaves the machine unless asked
+    project: str = "vlmtune"
+    name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop's knobs (train/loop.py)."""
+
+    output_dir: str = "outputs/run"  # one fixed directory for all ranks; checkpoints, metrics, config, export
+    seed: int = 42
+    max_steps: int = 100  # optimizer steps; the data stream cycles epochs as needed
+    micro_batch_size: int = 1  # packs per micro-batch (packing on) or samples (packing off)
+    gradient_accumulation_steps: int = 1
+    loss_reduction: str = "square"  # token | sample | square (train/losses.py)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    num_workers: int = 0  # DataLoader processes decoding and tiling images ahead of the loop
+    log_every: int = 1
+    eval_every: int = 0  # steps between evaluations (0 = only at the end when eval data is given)
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir if there is one
+    export: bool = True  # write an HF-format model to output_dir/hf at the end
+    eval_max_samples: int | None = None  # cap on held-out samples for eval (None = all)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class SFTRunConfig:
+    """Everything `vlmtune sft` needs; composed by Hydra from configs/sft.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_data: DataConfig | None = None  # held-out split (same fields; usually only meta_path differs)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prepare_demo: bool = False  # generate the synthetic data and tiny checkpoint first if missing
+
+
+def register_schemas() -> None:
+    """Make the schemas visible to Hydra so that yaml files are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="sft_schema", node=SFTRunConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="optim", name="schema", node=OptimConfig)
+    cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
+    cs.store(group="packing", name="schema", node=PackingConfig)

@@ -1,0 +1,23 @@
+"""Everything the demo needs that a fresh machine lacks: synthetic data and the tiny random checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("vlmtune")
+
+
+def prepare_demo(cfg: Any, num_train: int = 4000, num_eval: int = 200) -> None:
+    """Generate the demo dataset and tiny checkpoint where the config expects them, if missing."""
+    from data.synthetic import generate_sft_dataset
+    from train.tiny import build_tiny_checkpoint
+
+    meta = Path(cfg.data.meta_path)
+    if not meta.exists():
+        log.info("generating the synthetic demo data in %s", meta.parent)
+        generate_sft_dataset(meta.parent, num_train=num_train, num_eval=num_eval, seed=0)
+    if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
+        log.info("building the tiny random checkpoint in %s", cfg.model.pretrained)
+        build_tiny_checkpoint(cfg.model.pretrained)

@@ -1,0 +1,171 @@
+"""Held-out exact-match accuracy by greedy generation, with the same images blanked as a control.
+
+Blank images (every tile set to the normalised mean colour) must bring a model that really reads
+the pixels down to the majority-answer baseline; the gap between the two is the evidence that the
+vision path is wired end to end. `vlmtune eval --model DIR --meta META` runs it on an exported model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from train.losses import IGNORE_INDEX
+
+
+def split_prompt_answer(sample: dict, tokenizer: Any) -> tuple[torch.Tensor, str, str]:
+    """(prompt ids up to the last assistant answer, the answer text, the question text without image tokens)."""
+    labels = sample["labels"]
+    supervised = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    last = supervised[-1].item()
+    start = last
+    while start - 1 >= 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    answer = tokenizer.decode(labels[start : last + 1], skip_special_tokens=True).strip()
+    prompt = sample["input_ids"][:start]
+    ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    question = tokenizer.decode(prompt[prompt != ctx], skip_special_tokens=True)
+    return prompt, answer, question
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+@torch.no_grad()
+def generate_answers(model: Any, tokenizer: Any, samples: list[dict], prompts: list[torch.Tensor], *, blank: bool,
+                     max_new_tokens: int, synced: bool) -> list[str]:
+    """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order)."""
+    from train.modeling import model_device_dtype, unwrap
+
+    inner = unwrap(model)
+    device, dtype = model_device_dtype(model)
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = p
+        attention[i, width - len(p) :] = 1
+    tiles = [s["pixel_values"] for s in samples if s["num_tiles"] > 0]
+    kwargs: dict[str, Any] = {}
+    if tiles:
+        pixel_values = torch.cat(tiles)
+        if blank:
+            pixel_values = torch.zeros_like(pixel_values)
+        kwargs["pixel_values"] = pixel_values.to(device, dtype)
+    out = inner.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        synced_gpus=synced,
+        **kwargs,
+    )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def evaluate_accuracy(model: Any, tokenizer: Any, data_cfg: Any, tokens_per_tile: int, max_samples: int | None = None,
+                      batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, Any]:
+    """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks."""
+    from data.dataset import SampleProcessor, iter_samples
+    from data.meta import build_index, load_meta
+    from data.report import SkipReport
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    specs = load_meta(data_cfg.meta_path)
+    index = build_index(specs, data_cfg.seed)
+    if max_samples is not None:
+        index = index[:max_samples]
+    processor = SampleProcessor(data_cfg, tokenizer, tokens_per_tile)
+    samples = list(iter_samples(processor, specs, index, 0, SkipReport(), training=False))
+    mine = samples[rank::world]
+    n_batches = -(-len(samples) // (batch_size * world))  # same count on every rank (ZeRO-3 generate syncs)
+    synced = world > 1
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)  # correct, correct_blank, total
+    records: list[dict] = []
+    for b in range(n_batches):
+        batch = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(batch)
+        if not batch:  # keep step with the other ranks' generate calls
+            batch = samples[:1]
+        parts = [split_prompt_answer(s, tokenizer) for s in batch]
+        prompts = [p for p, _, _ in parts]
+        preds = generate_answers(model, tokenizer, batch, prompts, blank=False, max_new_tokens=max_new_tokens, synced=synced)
+        blank = generate_answers(model, tokenizer, batch, prompts, blank=True, max_new_tokens=max_new_tokens, synced=synced)
+        for (_, answer, question), pred, pred_blank in list(zip(parts, preds, blank))[:real]:
+            ok = normalise_answer(pred) == normalise_answer(answer)
+            ok_blank = normalise_answer(pred_blank) == normalise_answer(answer)
+            counts += torch.tensor([ok, ok_blank, 1.0], dtype=torch.float64)
+            records.append({"question": question, "answer": answer, "prediction": pred, "blank_prediction": pred_blank})
+    if was_training:
+        model.train()
+    if world > 1:
+        dist.all_reduce(counts)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    total = max(1.0, counts[2].item())
+    return {
+        "accuracy": counts[0].item() / total,
+        "blank_image_accuracy": counts[1].item() / total,
+        "majority_baseline": majority_baseline(records),
+        "num_samples": int(counts[2].item()),
+        "examples": records[:10],
+    }
+
+
+def majority_baseline(records: list[dict]) -> float:
+    """What a model that ignores the image could score: for each sample, the most frequent answer
+    among the *other* samples with the same question text (leave-one-out, so it is not flattered
+    by small groups); a sample whose question appears nowhere else counts as a miss."""
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        by_question[r["question"]][normalise_answer(r["answer"])] += 1
+    hits = 0
+    for r in records:
+        others = by_question[r["question"]].copy()
+        others[normalise_answer(r["answer"])] -= 1
+        best = max(others.values(), default=0)
+        if best > 0 and others[normalise_answer(r["answer"])] == best:
+            hits += 1
+    return hits / max(1, len(records))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlmtune eval --model DIR --meta META [--out eval.json]` on an exported HF directory."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from data.dataset import DataConfig
+    from train.models import num_image_tokens_per_tile
+
+    parser = argparse.ArgumentParser(prog="vlmtune eval", description=__doc__)
+    parser.add_argument("--model", required=True, help="HF-format model directory (e.g. OUTPUT_DIR/hf)")
+    parser.add_argument("--meta", required=True, help="InternVL meta JSON of the held-out split")
+    parser.add_argument("--out", default=None, help="where to write eval.json (default: print only)")
+    parser.add_argument("--max-samples", type=int, default=None)
+    args = parser.parse_args(argv)
+    model = InternVLForConditionalGeneration.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    size = model.config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    settings_file = Path(args.model) / "vlmtune.json"
+    settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
+    data_cfg = DataConfig(meta_path=args.meta, image_size=size, **settings)
+    results = evaluate_accuracy(model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
+    return 0

@@ -1,0 +1,107 @@
+"""The one training loop (SFT, MPO, pre-training): engine step, accumulation, logging, eval, checkpoints.
+
+Per optimizer step it draws ``gradient_accumulation_steps`` micro-batches, sums the objective's
+normalisers over them and over all ranks (one all-reduce), then runs forward/backward on each.
+Each micro-batch loss is the share of the step loss it carries, scaled by ``gas * world`` because
+DeepSpeed divides by ``gas`` in backward and averages gradients over ranks: the sum of shares is
+exactly the step's weighted mean, however the samples were split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from train.checkpoint import save_checkpoint
+from train.metrics import MetricsLogger
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    values = values.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def grad_norm_before_step(engine: Any) -> float:
+    """Global gradient norm (pre-clipping) where DeepSpeed keeps none: ZeRO-0 with a client optimizer."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def train_loop(
+    engine: Any,
+    objective: Any,
+    micro_batches: Iterator[list[dict]],
+    collate: Callable[[list[dict]], dict],
+    *,
+    start_step: int,
+    max_steps: int,
+    gradient_accumulation_steps: int,
+    out_dir: Path,
+    logger: MetricsLogger,
+    log_every: int = 1,
+    save_every: int = 0,
+    eval_every: int = 0,
+    keep_last: int = 2,
+    evaluate: Callable[[int], dict] | None = None,
+    checkpoint_state: Callable[[], tuple[dict, dict]] = lambda: ({}, {}),
+    skipped_count: Callable[[], int] = lambda: 0,
+) -> int:
+    """Run optimizer steps ``start_step+1 .. max_steps``; returns the last step done.
+
+    ``checkpoint_state()`` gives (shared, per-rank) state to save beside DeepSpeed's: the step,
+    the data stream position, the objective's running state (e.g. BCO's reward shift).
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    gas = gradient_accumulation_steps
+    step = start_step
+    engine.train()
+    while step < max_steps:
+        t0 = time.perf_counter()
+        batches = [collate(next(micro_batches)) for _ in range(gas)]
+        totals = all_reduce_sum(torch.stack([objective.weight_totals(b) for b in batches]).sum(0).double())
+        sums: dict[str, float] = {}
+        grad_norm = None
+        for i, batch in enumerate(batches):
+            loss, metrics = objective(engine, batch, totals)
+            engine.backward(loss * (gas * world))
+            if i == gas - 1 and engine.zero_optimization_stage() == 0:
+                grad_norm = grad_norm_before_step(engine)
+            engine.step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            for k in ("num_tokens", "num_samples", "num_slots"):
+                sums[k] = sums.get(k, 0.0) + float(batch[k])
+        step += 1
+        keys = sorted(sums)
+        reduced = all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(skipped_count())], dtype=torch.float64))
+        elapsed = time.perf_counter() - t0
+        if step % log_every == 0 or step == max_steps:
+            record: dict[str, Any] = {"step": step}
+            record.update({k: reduced[i].item() for i, k in enumerate(keys) if k not in ("num_tokens", "num_samples", "num_slots")})
+            stats = {k: reduced[i].item() for i, k in enumerate(keys)}
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            record.update(
+                lr=engine.get_lr()[0],
+                grad_norm=float(grad_norm) if grad_norm is not None else None,
+                tokens=int(stats["num_tokens"]),
+                tokens_per_s=stats["num_tokens"] / elapsed,
+                samples_per_s=stats["num_samples"] / elapsed,
+                fill=stats["num_tokens"] / max(1.0, stats["num_slots"]),
+                skipped=int(reduced[-1].item()),
+                step_time_s=elapsed,
+            )
+            logger.log(record, advance=log_every if step % log_every == 0 else step % log_every)
+        if evaluate is not None and eval_every and step % eval_every == 0 and step < max_steps:
+            logger.log({"step": step, **{f"eval/{k}": v for k, v in evaluate(step).items()}}, advance=0)
+        if (save_every and step % save_every == 0) or step == max_steps:
+            shared, per_rank = checkpoint_state()
+            save_checkpoint(engine, out_dir, step, {"step": step, **shared}, per_rank, keep_last)
+    return step

@@ -1,0 +1,31 @@
+"""Supervised fine-tuning: weighted next-token NLL with token/sample/square averaging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from train.losses import IGNORE_INDEX, loss_normaliser, weighted_nll_sum
+from train.modeling import batch_to_device, forward_logits
+
+
+class SFTObjective:
+    """Next-token loss on assistant tokens; logits are computed only where a target exists."""
+
+    def __init__(self, reduction: str) -> None:
+        self.reduction = reduction
+
+    def weight_totals(self, batch: dict[str, Any]) -> torch.Tensor:
+        return loss_normaliser(batch["supervised_counts"], self.reduction).reshape(1)
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, Any], totals: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = batch_to_device(batch, model)
+        targets, weights = batch["targets"], batch["weights"]
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # sequence positions with a target
+        logits = forward_logits(model, batch, keep)  # [B, K, V]
+        loss_sum = weighted_nll_sum(logits.flatten(0, 1), targets[:, keep].flatten(), weights[:, keep].flatten())
+        loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
+        return loss, {"loss": loss.item()}

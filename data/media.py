@@ -43,7 +43,10 @@ def _header_has_zero_size(path: Path) -> bool:
     elif head[:6] in (b"GIF87a", b"GIF89a"):
         width, height = int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
     elif head[:2] == b"BM" and len(head) >= 26:
-        width, height = int.from_bytes(head[18:22], "little", signed=True), int.from_bytes(head[22:26], "little", signed=True)
+        width, height = (
+            int.from_bytes(head[18:22], "little", signed=True),
+            int.from_bytes(head[22:26], "little", signed=True),
+        )
     else:
         return False
     return width == 0 or height == 0
@@ -53,7 +56,9 @@ def load_image(path: str | Path) -> Image.Image:
     """Open ``path`` as an RGB image, fully decoded so a truncated file fails here and not in a worker later."""
     path = Path(path)
     if not path.is_file():
-        raise MediaError("missing_image", f"{path}: no such file (check the meta file's root + the jsonl image path)")
+        raise MediaError(
+            "missing_image", f"{path}: no such file (check the meta file's root + the jsonl image path)"
+        )
     try:
         with Image.open(path) as img:
             if img.width == 0 or img.height == 0:
@@ -100,7 +105,9 @@ def jpeg_compress(
 # ----------------------------------------------------------------------------------------- video
 
 
-def sample_frame_indices(num_video_frames: int, num_segments: int, *, training: bool, rng: random.Random) -> list[int]:
+def sample_frame_indices(
+    num_video_frames: int, num_segments: int, *, training: bool, rng: random.Random
+) -> list[int]:
     """Frame indices: the video cut into equal segments, one frame from each.
 
     InternVL's ``get_frame_indices`` ("rand" when training, "middle" otherwise): segment
@@ -112,7 +119,9 @@ def sample_frame_indices(num_video_frames: int, num_segments: int, *, training: 
     gives one frame per video frame instead of repeating the last frame to pad.
     """
     if num_video_frames < 1 or num_segments < 1:
-        raise ValueError(f"need at least one video frame and one segment, got {num_video_frames}, {num_segments}")
+        raise ValueError(
+            f"need at least one video frame and one segment, got {num_video_frames}, {num_segments}"
+        )
     count = min(num_segments, num_video_frames)
     bounds = np.linspace(0, num_video_frames, count + 1).astype(int).tolist()
     segments = list(zip(bounds[:-1], bounds[1:]))  # [start, end), never empty since count <= frames
@@ -136,10 +145,14 @@ def load_video_frames(
     uses ``max_num_frames`` so it is deterministic. Both are capped by the video length.
     """
     if not 1 <= min_num_frames <= max_num_frames:
-        raise ValueError(f"need 1 <= min_num_frames <= max_num_frames, got {min_num_frames}, {max_num_frames}")
+        raise ValueError(
+            f"need 1 <= min_num_frames <= max_num_frames, got {min_num_frames}, {max_num_frames}"
+        )
     path = Path(path)
     if not path.is_file():
-        raise MediaError("missing_video", f"{path}: no such file (check the meta file's root + the jsonl video path)")
+        raise MediaError(
+            "missing_video", f"{path}: no such file (check the meta file's root + the jsonl video path)"
+        )
     from decord import VideoReader  # imported lazily: decord pulls in ffmpeg, unused by image-only runs
 
     try:

@@ -122,7 +122,7 @@ def image_to_tiles(
     """Pixel tiles ``float32[N, 3, S, S]`` (ImageNet-normalised) exactly as the model trains on them.
 
     Equal to ``dynamic_preprocess`` followed by the model card's ``build_transform`` on each
-    tile, in one resize and a few whole-array passes instead of N crops and N transforms.
+    tile, in one resize and four in-cache passes per tile instead of N crops and N transforms.
     """
     cols, rows = choose_grid(*image.size, min_num=min_num, max_num=max_num, image_size=image_size)
     blocks = cols * rows

@@ -3,7 +3,8 @@
 The language-model head runs only on positions that carry a target (``logits_to_keep`` with an
 index tensor): with a 151k vocabulary and long image prompts, full logits would dominate memory.
 A batch without images still runs the vision tower on one blank tile, contributing exactly zero,
-so that under ZeRO-3 every rank gathers the same parameters (otherwise text-only ranks hang).
+so that under ZeRO-3 every rank gathers the same parameters in the same order (otherwise ranks
+whose batch is text-only hang, or with gloo abort on mismatched collectives).
 """
 
 from __future__ import annotations
@@ -40,20 +41,30 @@ def batch_to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, 
     return out
 
 
-def vision_keepalive(model: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
-    """Zero that depends on every vision/projector parameter: run the tower on one blank tile."""
+def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[Any, bool]:
+    """Vision tower + projector on the batch's tiles, or on one blank tile when there are none.
+
+    Always called before the language model, so that every rank gathers the ZeRO-3 partitions of
+    the vision tower and the LLM in the same order whatever its batch holds. Returns the
+    encoder output and whether it is real (False: a stand-in whose features must contribute 0).
+    """
     inner = unwrap(model)
-    size = inner.config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    blank = torch.zeros(1, 3, size, size, device=like.device, dtype=inner.dtype)
-    feats = inner.model.get_image_features(pixel_values=blank, return_dict=True).pooler_output
-    return feats.sum() * 0.0
+    real = pixel_values.numel() > 0
+    if not real:
+        size = inner.config.vision_config.image_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        pixel_values = torch.zeros(1, 3, size, size, device=pixel_values.device, dtype=inner.dtype)
+    return inner.model.get_image_features(pixel_values=pixel_values, return_dict=True), real
 
 
-def forward_logits(model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
-    """Logits at sequence positions ``keep`` for every row: [B, len(keep), V]."""
-    pixel_values = batch["pixel_values"]
-    has_images = pixel_values.numel() > 0
+def forward_logits(
+    model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, image_outputs: tuple[Any, bool] | None = None
+) -> torch.Tensor:
+    """Logits at sequence positions ``keep`` for every row: [B, len(keep), V].
+
+    ``image_outputs`` (from ``encode_images``) lets a caller encode the tiles once and reuse them.
+    """
+    encoded, real = image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
@@ -61,9 +72,9 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, Any], keep: torch.Te
         "logits_to_keep": keep,
         "use_cache": False,
     }
-    if has_images:
-        kwargs["pixel_values"] = pixel_values
+    if real:
+        kwargs["mm_encoder_outputs"] = {"image": encoded}
     logits = model(**kwargs).logits
-    if not has_images:
-        logits = logits + vision_keepalive(model, logits).to(logits.dtype)
+    if not real:
+        logits = logits + (encoded.pooler_output.sum() * 0.0).to(logits.dtype)
     return logits

@@ -78,7 +78,7 @@ def check_config(cfg: SFTRunConfig) -> None:
 def load_tokenizer(cfg: SFTRunConfig):
     from transformers import AutoTokenizer
 
-    path = getattr(cfg.model, "tokenizer", None) or cfg.model.pretrained
+    path = cfg.model.tokenizer or cfg.model.pretrained
     if path is None:
         raise ValueError("model.tokenizer (or model.pretrained) must name a directory holding the tokenizer")
     return AutoTokenizer.from_pretrained(path)

@@ -78,7 +78,9 @@ def summarise(rates: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--image-size", type=int, default=448)
@@ -86,8 +88,12 @@ def main() -> None:
     parser.add_argument("--min-side", type=int, default=200)
     parser.add_argument("--max-side", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jpeg", action="store_true", help="include the random JPEG augmentation on both sides")
-    parser.add_argument("--smoke", action="store_true", help="4 images, 2 rounds: same code path, a few seconds")
+    parser.add_argument(
+        "--jpeg", action="store_true", help="include the random JPEG augmentation on both sides"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="4 images, 2 rounds: same code path, a few seconds"
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/data.json"))
     args = parser.parse_args()
     if args.smoke:
@@ -118,7 +124,7 @@ def main() -> None:
     sides = {"reference": reference, "ours": ours}
     rates: dict[str, list[float]] = {name: [] for name in sides}
     tiles_per_pass = 0
-    for name, fn in sides.items():  # warm-up (allocator, lazy imports)
+    for fn in sides.values():  # warm-up (allocator, lazy imports)
         fn(images[0], random.Random(0) if args.jpeg else None)
     for round_index in range(args.rounds):
         order = list(sides) if round_index % 2 == 0 else list(reversed(sides))

@@ -38,7 +38,9 @@ def _png_with_size(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def test_load_image_returns_rgb_with_the_file_pixels(tmp_path):
@@ -225,12 +227,16 @@ def _frame_ids(frames: list[Image.Image]) -> list[int]:
 
 
 def test_video_eval_gives_segment_middles(colour_video):
-    frames = load_video_frames(colour_video, min_num_frames=4, max_num_frames=8, training=False, rng=random.Random(0))
+    frames = load_video_frames(
+        colour_video, min_num_frames=4, max_num_frames=8, training=False, rng=random.Random(0)
+    )
     assert _frame_ids(frames) == [2, 7, 12, 17, 22, 27, 32, 37]
 
 
 def test_video_eval_capped_by_length(colour_video):
-    frames = load_video_frames(colour_video, min_num_frames=8, max_num_frames=64, training=False, rng=random.Random(0))
+    frames = load_video_frames(
+        colour_video, min_num_frames=8, max_num_frames=64, training=False, rng=random.Random(0)
+    )
     assert _frame_ids(frames) == list(range(NUM_FRAMES))
 
 

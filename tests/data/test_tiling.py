@@ -99,7 +99,9 @@ def _check_tiles(case):
         assert g.tobytes() == e.tobytes(), case
 
 
-@pytest.mark.parametrize("case", FIXED_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-S{c[2]}-{c[3]}..{c[4]}")
+@pytest.mark.parametrize(
+    "case", FIXED_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-S{c[2]}-{c[3]}..{c[4]}"
+)
 def test_dynamic_preprocess_fixed_cases_equal_reference(case):
     _check_tiles(case)
 
@@ -191,8 +193,12 @@ def test_image_to_tiles_layout_hand_checked():
 
 def test_frames_to_tiles_equals_model_card_video_path():
     transform = ref.build_transform(56)
-    frames = [_noise_image(w, h, seed=i) for i, (w, h) in enumerate([(64, 48), (56, 56), (20, 300), (500, 17)])]
-    expected = torch.stack([transform(ref.dynamic_preprocess(f, image_size=56, max_num=1)[0]) for f in frames])
+    frames = [
+        _noise_image(w, h, seed=i) for i, (w, h) in enumerate([(64, 48), (56, 56), (20, 300), (500, 17)])
+    ]
+    expected = torch.stack(
+        [transform(ref.dynamic_preprocess(f, image_size=56, max_num=1)[0]) for f in frames]
+    )
     got = frames_to_tiles(frames, 56)
     assert got.shape == (4, 3, 56, 56)
     assert _max_abs_diff(got, expected) <= TOLERANCE

@@ -1,9 +1,10 @@
 """`vlmtune check-data <meta.json>`: run every record through the training path and report.
 
 Each line of each dataset goes through the very `SampleProcessor` the trainer uses (no
-augmentation), so the skip counts, tile counts and token lengths printed here are the ones
-training will meet. Skips are reported, not fatal (exit 0); a start-up error (missing meta or
-annotation file, unknown meta key, unreadable model dir) exits 2 with the message.
+augmentation; `PairProcessor` for a dataset of preference pairs), so the skip counts, tile counts
+and token lengths printed here are the ones training will meet. Skips are reported, not fatal
+(exit 0); a start-up error (missing meta or annotation file, unknown meta key, unreadable model
+dir) exits 2 with the message.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from data.dataset import DataConfig, SampleProcessor
-from data.meta import DatasetSpec, MetaError, jsonl_file, load_meta
-from data.report import REASONS, SkipReport, SkipSample
+from data.meta import DatasetSpec, JsonlFile, MetaError, jsonl_file, load_meta
+from data.pairs import PairProcessor, is_pair_record
+from data.report import ALL_REASONS, SkipReport, SkipSample
 
 TINY_IMAGE_SIZE = 56
 TINY_TOKENS_PER_TILE = 16
@@ -50,14 +53,18 @@ class DatasetStats:
         self.histogram: Counter[str] = Counter()
 
     def add(self, sample: dict[str, Any]) -> None:
-        n = len(sample["input_ids"])
+        if "prompt_ids" in sample:  # a preference pair: its longer side, both responses' labels
+            n = len(sample["prompt_ids"]) + max(len(sample["chosen_ids"]), len(sample["rejected_ids"]))
+            labels = torch.cat([sample["chosen_labels"], sample["rejected_labels"]])
+        else:
+            n, labels = len(sample["input_ids"]), sample["labels"]
         self.ok += 1
         self.images += sample["num_images"]
         self.tiles += sample["num_tiles"]
         self.max_tiles = max(self.max_tiles, sample["num_tiles"])
         self.tokens += n
         self.max_tokens = max(self.max_tokens, n)
-        self.labelled += int((sample["labels"] != -100).sum())
+        self.labelled += int((labels != -100).sum())
         self.histogram[length_bucket(n)] += 1
 
     def to_dict(self, skipped: dict[str, int]) -> dict[str, Any]:
@@ -100,19 +107,31 @@ def load_tokenizer(model_dir: str | None) -> tuple[Any, int, int]:
     return AutoTokenizer.from_pretrained(path), size, num_image_tokens_per_tile(config)
 
 
+def holds_pairs(jf: JsonlFile, probe: int = 10) -> bool:
+    """Whether an annotation file holds preference pairs: its first parseable record decides."""
+    for k in range(min(probe, jf.num_records)):
+        try:
+            return is_pair_record(jf.read(k))
+        except SkipSample:
+            continue
+    return False
+
+
 def scan(
     specs: list[DatasetSpec], processor: SampleProcessor, report: SkipReport, limit: int | None = None
 ) -> dict[str, DatasetStats]:
     """Process every record of every dataset once (no repeats, no augmentation); fill stats and report."""
     stats = {}
+    pairs = PairProcessor(processor.cfg, processor.tokenizer, processor.tokens_per_tile)
     for spec in specs:
         st = stats[spec.name] = DatasetStats(spec)
         jf = jsonl_file(spec.annotation)
+        process = pairs if holds_pairs(jf) else processor
         n = jf.num_records if limit is None else min(limit, jf.num_records)
         for k in tqdm(range(n), desc=spec.name, unit="line", file=sys.stderr, leave=False):
             st.lines += 1
             try:
-                st.add(processor(spec, k, random.Random(k), training=False))
+                st.add(process(spec, k, random.Random(k), training=False))
             except SkipSample as e:
                 report.skip(spec.name, jf.source(k), e.reason, e.detail)
     return stats
@@ -184,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "est_epoch_tokens": sum(d["est_epoch_tokens"] for d in datasets.values()),
         },
         "skips": report.to_dict(),
-        "reasons": REASONS,
+        "reasons": ALL_REASONS,
     }
     print(summary_table(result))
     if args.out:

@@ -86,7 +86,16 @@ def validate_record(record: dict[str, Any]) -> Record:
             )
     if not dialogue or len(dialogue) % 2:
         raise SkipSample("bad_conversation", "conversations: must end with a gpt turn")
+    images, video = validate_media(record)
+    return Record(conversations=[dict(t) for t in turns], images=images, video=video)
 
+
+def validate_media(record: dict[str, Any]) -> tuple[list[str], str | None]:
+    """``(image paths, video path or None)`` of a record; shared by SFT and preference records.
+
+    ``image``: a path or a list of paths (multi-image); ``video``: a path; neither: pure text.
+    An empty ``image``/``video`` counts as absent, as in InternVL.
+    """
     images = record.get("image")
     if images is None or images == "" or images == []:
         images = []
@@ -101,7 +110,7 @@ def validate_record(record: dict[str, Any]) -> Record:
         raise SkipSample("bad_conversation", "video: expected a path")
     if images and video is not None:
         raise SkipSample("bad_conversation", "image and video: a sample has one or the other")
-    return Record(conversations=[dict(t) for t in turns], images=images, video=video)
+    return images, video
 
 
 def insert_placeholders(

@@ -55,6 +55,84 @@ def sample_rng(seed: int, position: int, epoch: int = 0) -> random.Random:
     return random.Random(f"vlmtune:{seed}:{epoch}:{position}")
 
 
+@dataclass
+class Media:
+    """A record's media as the model sees it: the tiles and the ``<IMG_CONTEXT>`` count of each part.
+
+    ``image_tokens[i]``: context tokens of image i; ``frame_tokens``: one entry per video frame
+    (``None`` for a sample without video), the two arguments `tokenize_conversation` takes.
+    """
+
+    pixel_values: torch.Tensor
+    image_tokens: list[int]
+    frame_tokens: list[int] | None
+
+    @property
+    def num_images(self) -> int:
+        """Images, or video frames for a video sample."""
+        return len(self.image_tokens) if self.frame_tokens is None else len(self.frame_tokens)
+
+
+def tile_limits(cfg: DataConfig, spec: DatasetSpec, num_images: int) -> tuple[int, int]:
+    """(min, max) tiles per image: the meta entry's values win; several images share the
+    budget as in InternVL (``max(1, max_dynamic_patch // num_images)``)."""
+    max_num = spec.max_dynamic_patch if spec.max_dynamic_patch is not None else cfg.max_dynamic_patch
+    min_num = spec.min_dynamic_patch if spec.min_dynamic_patch is not None else cfg.min_dynamic_patch
+    if num_images > 1:
+        max_num = max(1, max_num // num_images)
+    return min(min_num, max_num), max_num
+
+
+def load_media(
+    cfg: DataConfig,
+    spec: DatasetSpec,
+    images: Sequence[str],
+    video: str | None,
+    tokens_per_tile: int,
+    rng: random.Random,
+    training: bool,
+) -> Media:
+    """Load, augment (``data_augment`` and training only) and tile a record's images or video.
+
+    The one media path of every sample kind (SFT conversations, preference pairs), so a pair's
+    pixels are exactly what the same record would give as an SFT sample. Raises SkipSample with
+    the `MediaError`'s reason.
+    """
+    augment = spec.data_augment and training
+    quality = tuple(cfg.jpeg_quality_range)
+    size = cfg.image_size
+    tiles: list[torch.Tensor] = []
+    image_tokens: list[int] = []
+    frame_tokens: list[int] | None = None
+    try:
+        if video is not None:
+            frames = load_video_frames(
+                spec.root / video,
+                min_num_frames=cfg.min_num_frames,
+                max_num_frames=cfg.max_num_frames,
+                training=training,
+                rng=rng,
+            )
+            if augment:
+                frames = [jpeg_compress(f, rng, quality) for f in frames]
+            tiles.append(frames_to_tiles(frames, size))
+            frame_tokens = [tokens_per_tile] * len(frames)
+        min_num, max_num = tile_limits(cfg, spec, len(images))
+        for path in images:
+            image = load_image(spec.root / path)
+            if augment:
+                image = jpeg_compress(image, rng, quality)
+            t = image_to_tiles(
+                image, image_size=size, max_num=max_num, min_num=min_num, use_thumbnail=cfg.use_thumbnail
+            )
+            tiles.append(t)
+            image_tokens.append(t.shape[0] * tokens_per_tile)
+    except MediaError as e:
+        raise SkipSample(e.reason, e.detail) from e
+    pixel_values = torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size)
+    return Media(pixel_values, image_tokens, frame_tokens)
+
+
 class SampleProcessor:
     """Turns (dataset, record index) into a processed SFT sample dict, or raises SkipSample.
 
@@ -69,70 +147,28 @@ class SampleProcessor:
         self.tokens_per_tile = tokens_per_tile
 
     def tile_limits(self, spec: DatasetSpec, num_images: int) -> tuple[int, int]:
-        """(min, max) tiles per image: the meta entry's values win; several images share the
-        budget as in InternVL (``max(1, max_dynamic_patch // num_images)``)."""
-        max_num = spec.max_dynamic_patch if spec.max_dynamic_patch is not None else self.cfg.max_dynamic_patch
-        min_num = spec.min_dynamic_patch if spec.min_dynamic_patch is not None else self.cfg.min_dynamic_patch
-        if num_images > 1:
-            max_num = max(1, max_num // num_images)
-        return min(min_num, max_num), max_num
+        """(min, max) tiles per image for ``spec`` (see `tile_limits`)."""
+        return tile_limits(self.cfg, spec, num_images)
 
     def __call__(self, spec: DatasetSpec, line_no: int, rng: random.Random, training: bool) -> dict[str, Any]:
         jf = jsonl_file(spec.annotation)
         source = jf.source(line_no)
         record = validate_record(jf.read(line_no))
-        augment = spec.data_augment and training
-        quality = tuple(self.cfg.jpeg_quality_range)
-        size = self.cfg.image_size
-
-        tiles: list[torch.Tensor] = []
-        image_tokens: list[int] = []
-        frame_tokens: list[int] | None = None
-        try:
-            if record.video is not None:
-                frames = load_video_frames(
-                    spec.root / record.video,
-                    min_num_frames=self.cfg.min_num_frames,
-                    max_num_frames=self.cfg.max_num_frames,
-                    training=training,
-                    rng=rng,
-                )
-                if augment:
-                    frames = [jpeg_compress(f, rng, quality) for f in frames]
-                tiles.append(frames_to_tiles(frames, size))
-                frame_tokens = [self.tokens_per_tile] * len(frames)
-            min_num, max_num = self.tile_limits(spec, len(record.images))
-            for path in record.images:
-                image = load_image(spec.root / path)
-                if augment:
-                    image = jpeg_compress(image, rng, quality)
-                t = image_to_tiles(
-                    image,
-                    image_size=size,
-                    max_num=max_num,
-                    min_num=min_num,
-                    use_thumbnail=self.cfg.use_thumbnail,
-                )
-                tiles.append(t)
-                image_tokens.append(t.shape[0] * self.tokens_per_tile)
-        except MediaError as e:
-            raise SkipSample(e.reason, e.detail) from e
-
+        media = load_media(self.cfg, spec, record.images, record.video, self.tokens_per_tile, rng, training)
         input_ids, labels = tokenize_conversation(
             record.conversations,
             self.tokenizer,
-            image_tokens,
+            media.image_tokens,
             system_prompt=self.cfg.system_prompt,
             max_length=self.cfg.max_length,
-            frame_token_counts=frame_tokens,
+            frame_token_counts=media.frame_tokens,
         )
-        pixel_values = torch.cat(tiles) if tiles else torch.zeros(0, 3, size, size)
         return {
             "input_ids": input_ids,
             "labels": labels,
-            "pixel_values": pixel_values,
-            "num_tiles": int(pixel_values.shape[0]),
-            "num_images": len(record.images) if frame_tokens is None else len(frame_tokens),
+            "pixel_values": media.pixel_values,
+            "num_tiles": int(media.pixel_values.shape[0]),
+            "num_images": media.num_images,
             "dataset": spec.name,
             "source": source,
         }

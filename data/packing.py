@@ -22,6 +22,12 @@ import torch
 Sample = dict[str, Any]
 
 
+def sample_length(sample: Sample) -> int:
+    """Tokens a sample takes in a pack: ``length`` when the sample says (a preference pair's tree
+    or two sequences), else its ``input_ids``."""
+    return int(sample["length"]) if "length" in sample else len(sample["input_ids"])
+
+
 @dataclass
 class Pack:
     """Samples chosen to share one sequence, in order; ``ids`` identify them for resume."""
@@ -30,7 +36,7 @@ class Pack:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s["input_ids"]) for s in self.samples)
+        return sum(sample_length(s) for s in self.samples)
 
     @property
     def num_tiles(self) -> int:
@@ -39,7 +45,7 @@ class Pack:
 
 def sample_fits(sample: Sample, pack: Pack, max_tokens: int, max_tiles: int | None) -> bool:
     """Whether ``sample`` can join ``pack`` without exceeding the token or tile budget."""
-    if pack.num_tokens + len(sample["input_ids"]) > max_tokens:
+    if pack.num_tokens + sample_length(sample) > max_tokens:
         return False
     return max_tiles is None or not pack.samples or pack.num_tiles + int(sample["num_tiles"]) <= max_tiles
 
@@ -52,10 +58,10 @@ def best_fit_pack(buffer: list[Sample], max_tokens: int, max_tiles: int | None) 
     """
     if not buffer:
         raise ValueError("best_fit_pack needs a non-empty buffer")
-    order = sorted(range(len(buffer)), key=lambda i: len(buffer[i]["input_ids"]), reverse=True)
-    if len(buffer[order[0]]["input_ids"]) > max_tokens:
+    order = sorted(range(len(buffer)), key=lambda i: sample_length(buffer[i]), reverse=True)
+    if sample_length(buffer[order[0]]) > max_tokens:
         raise ValueError(
-            f"sample of {len(buffer[order[0]]['input_ids'])} tokens exceeds max_packed_tokens={max_tokens}; "
+            f"sample of {sample_length(buffer[order[0]])} tokens exceeds max_packed_tokens={max_tokens}; "
             "set data.max_length <= packing.max_tokens"
         )
     pack = Pack()
@@ -86,7 +92,11 @@ def iter_packs(
 
 def packed_position_ids(lengths: list[int]) -> torch.Tensor:
     """Position ids that restart at 0 for every packed sample."""
-    return torch.cat([torch.arange(n, dtype=torch.long) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+    return (
+        torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+        if lengths
+        else torch.zeros(0, dtype=torch.long)
+    )
 
 
 def cu_seq_lens(lengths: list[int]) -> torch.Tensor:

@@ -13,10 +13,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-#: Every reason a sample can be skipped for, in one place (name -> what it means).
+#: Every reason an SFT sample can be skipped for, in one place (name -> what it means).
 REASONS: dict[str, str] = {
     "malformed_json": "the jsonl line is not a JSON object",
-    "missing_field": "a required field (conversations, from, value) is absent",
+    "missing_field": "a required field (conversations, from, value; a pair's question, chosen, rejected) is absent or empty",
     "bad_conversation": "a field has the wrong type or the turns do not alternate human/gpt",
     "missing_image": "the image file does not exist",
     "corrupt_image": "the image file cannot be decoded",
@@ -26,14 +26,21 @@ REASONS: dict[str, str] = {
     "placeholder_mismatch": "the number of <image>/<video> placeholders differs from the media given",
     "too_long": "the tokenised sample is longer than max_length (never truncated through image tokens)",
 }
+#: The further reasons a preference pair (data/pairs.py) can be skipped for.
+PAIR_REASONS: dict[str, str] = {
+    "empty_response": "a pair's chosen or rejected response is empty or whitespace",
+    "identical_pair": "a pair's chosen and rejected responses are the same text: no preference to learn",
+}
+#: Every reason any stage may raise: what `SkipSample` and `SkipReport` accept.
+ALL_REASONS: dict[str, str] = {**REASONS, **PAIR_REASONS}
 
 
 class SkipSample(Exception):
     """Raised by a pipeline stage for input that cannot become a training sample."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
-        if reason not in REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; add it to data.report.REASONS")
+        if reason not in ALL_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; add it to data.report.REASONS or PAIR_REASONS")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -66,8 +73,8 @@ class SkipReport:
 
     def skip(self, dataset: str, source: str, reason: str, detail: str = "") -> None:
         """Record one skipped sample; ``source`` is ``"file:line"``."""
-        if reason not in REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; add it to data.report.REASONS")
+        if reason not in ALL_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; add it to data.report.REASONS or PAIR_REASONS")
         file, line = split_source(source)
         entry = {"dataset": dataset, "file": file, "line": line, "reason": reason, "detail": detail}
         self.by_reason[reason] += 1

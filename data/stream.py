@@ -77,7 +77,11 @@ class MicroBatchStream:
         self.state = StreamState()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "position": self.state.position, "buffer": [list(k) for k in self.state.buffer]}
+        return {
+            "epoch": self.state.epoch,
+            "position": self.state.position,
+            "buffer": [list(k) for k in self.state.buffer],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.state = StreamState(state["epoch"], state["position"], [tuple(k) for k in state["buffer"]])

@@ -10,7 +10,8 @@ tiles. Images vary from 40 to 300 px per side with aspect ratios 1:3..3:1, so dy
 yields one to many tiles.
 
 `generate_bad_samples` writes one record of every bad-input kind among good ones, for the
-bad-input accounting tests.
+bad-input accounting tests. `generate_pair_dataset` writes preference pairs (MMPR format) on the
+same scenes: the right answer chosen, another colour / shape / count rejected.
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ class Shape:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of its square bounding box
 
 
-def random_size(rng: random.Random, size_range: tuple[int, int]) -> tuple[int, int]:
-    """(w, h) with sides in ``size_range`` and aspect ratio log-uniform in 1:3..3:1."""
+def random_size(rng: random.Random, size_range: tuple[int, int], max_aspect: float = 3.0) -> tuple[int, int]:
+    """(w, h) with sides in ``size_range`` and aspect ratio log-uniform in 1:max_aspect..max_aspect:1."""
     lo, hi = size_range
-    ratio = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+    ratio = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))
     long_side = rng.randint(lo, hi)
     short_side = max(lo, round(long_side / max(ratio, 1 / ratio)))
     return (long_side, short_side) if ratio >= 1 else (short_side, long_side)
@@ -102,6 +103,10 @@ def layout(width: int, height: int, count: int, rng: random.Random) -> list[tupl
         cols, rows = count, 1
     else:
         cols, rows = 1, count
+    if count == 1:  # one shape: centred and large, so it stays whole in the middle tile and the thumbnail
+        side = max(4, int(min(width, height) * rng.uniform(0.7, 0.9)))
+        x0, y0 = (width - side) // 2, (height - side) // 2
+        return [(x0, y0, x0 + side, y0 + side)]
     cells = [(c, r) for r in range(rows) for c in range(cols)]
     rng.shuffle(cells)
     cw, ch = width / cols, height / rows
@@ -129,9 +134,16 @@ def draw(width: int, height: int, shapes: list[Shape], background: tuple[int, in
     return image
 
 
-def scene(rng: random.Random, size_range: tuple[int, int], count: int, kind: str | None, colour: str | None):
+def scene(
+    rng: random.Random,
+    size_range: tuple[int, int],
+    count: int,
+    kind: str | None,
+    colour: str | None,
+    max_aspect: float = 3.0,
+):
     """An image of ``count`` shapes; kind/colour fixed when given, else random (all shapes alike)."""
-    width, height = random_size(rng, size_range)
+    width, height = random_size(rng, size_range, max_aspect)
     kind = kind or rng.choice(SHAPES)
     colour = colour or rng.choice(list(COLOURS))
     shapes = [Shape(kind, colour, box) for box in layout(width, height, count, rng)]
@@ -212,6 +224,8 @@ def make_records(
     writer: _ImageWriter,
     size_range: tuple[int, int],
     num_videos: int = 0,
+    task_weights: dict[str, float] | None = None,
+    max_aspect: float = 3.0,
 ) -> list[dict[str, Any]]:
     """``n`` records (+ ``num_videos``) of the split, images written through ``writer``."""
     records: list[dict[str, Any]] = []
@@ -225,7 +239,7 @@ def make_records(
             if rel is not None:
                 return rel
 
-    for task, k in _task_counts(n, TASK_WEIGHTS).items():
+    for task, k in _task_counts(n, task_weights or TASK_WEIGHTS).items():
         if task == "text":
             for _ in range(k):
                 a, b = rng.randint(0, 4), rng.randint(0, 4)
@@ -238,17 +252,19 @@ def make_records(
             question = rng.choice(QUESTIONS[task])
             record: dict[str, Any] = {"task": task, "answer": answer}
             if task == "color":
-                record["image"] = save(lambda a=answer: scene(rng, size_range, 1, None, a))
+                record["image"] = save(lambda a=answer: scene(rng, size_range, 1, None, a, max_aspect))
             elif task == "shape":
-                record["image"] = save(lambda a=answer: scene(rng, size_range, 1, a, None))
+                record["image"] = save(lambda a=answer: scene(rng, size_range, 1, a, None, max_aspect))
             elif task == "count":
-                record["image"] = save(lambda a=answer: scene(rng, size_range, int(a), None, None))
+                record["image"] = save(
+                    lambda a=answer: scene(rng, size_range, int(a), None, None, max_aspect)
+                )
             else:
                 colour = rng.choice(list(COLOURS))
                 other = rng.choice([c for c in COLOURS if c != colour])
                 first, second = (colour, other) if answer == "first" else (other, colour)
                 record["image"] = [
-                    save(lambda c=c: scene(rng, size_range, 1, None, c)) for c in (first, second)
+                    save(lambda c=c: scene(rng, size_range, 1, None, c, max_aspect)) for c in (first, second)
                 ]
                 question = question.format(colour=colour)
             placeholder = (
@@ -290,13 +306,16 @@ def generate_sft_dataset(
     image_size_range: tuple[int, int] = (40, 300),
     num_videos: int = 0,
     max_dynamic_patch: int | None = None,
+    task_weights: dict[str, float] | None = None,
+    max_aspect: float = 3.0,
 ) -> Path:
     """Write the demo dataset to ``out_dir`` and return the path of ``meta_train.json``.
 
     Layout: ``images/``, ``train.jsonl``, ``eval.jsonl`` (held out: its images are other files and
     never byte-identical to a training image), ``meta_train.json`` / ``meta_eval.json``. Records
     carry InternVL's fields plus ``task`` and ``answer`` for exact-match evaluation. Deterministic
-    under ``seed``.
+    under ``seed``. ``task_weights`` (default ``TASK_WEIGHTS``) sets each task's share; ``max_aspect``
+    bounds the images' aspect ratio (1:3..3:1 by default).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +324,7 @@ def generate_sft_dataset(
     extra = {} if max_dynamic_patch is None else {"max_dynamic_patch": max_dynamic_patch}
     splits = {"train": (num_train, num_videos), "eval": (num_eval, max(0, num_videos // 4))}
     for split, (n, videos) in splits.items():
-        records = make_records(split, n, rng, writer, image_size_range, videos)
+        records = make_records(split, n, rng, writer, image_size_range, videos, task_weights, max_aspect)
         write_jsonl(out / f"{split}.jsonl", records)
         write_meta(
             out / f"meta_{split}.json",
@@ -400,3 +419,122 @@ def generate_bad_samples(
     annotation.write_text("\n".join(lines) + "\n", encoding="utf-8")
     meta = write_meta(out / "meta_bad.json", "bad_mix", "bad.jsonl", data_augment=False)
     return BadDataset(meta_path=meta, annotation=annotation, expected=expected, good_lines=good_lines)
+
+
+#: Share of preference pairs whose responses are short reasoning chains instead of one word.
+REASONING_SHARE = 0.3
+#: Tasks of the preference pairs: one image, a one-word answer, several plausible wrong ones.
+PAIR_TASKS = ("color", "shape", "count")
+
+
+def _observation(task: str, value: str) -> str:
+    if task == "color":
+        return f"The shape is {value}"
+    if task == "shape":
+        return f"The shape is a {value}"
+    return f"I count {_NUMBER[int(value)]} shape{'s' if value != '1' else ''}"
+
+
+def reasoning_answer(task: str, seen: str, answer: str) -> str:
+    """A one-sentence chain: what is seen, then the answer ("The shape is red, so the answer is red.")."""
+    return f"{_observation(task, seen)}, so the answer is {answer}."
+
+
+def make_pair_records(
+    split: str,
+    n: int,
+    rng: random.Random,
+    writer: _ImageWriter,
+    size_range: tuple[int, int],
+    reasoning_share: float = REASONING_SHARE,
+) -> list[dict[str, Any]]:
+    """``n`` MMPR records: chosen = the right answer, rejected = another value of the same task.
+
+    Per task, every ordered (right, wrong) combination appears equally often, so each value is
+    as often chosen as rejected and neither side can be told apart without the image. A
+    ``reasoning_share`` of each task answers with a short chain; half of those wrong chains
+    misread the image, the other half read it right and then conclude wrongly.
+    """
+    records: list[dict[str, Any]] = []
+    counter = 0
+
+    def save(make) -> str:
+        nonlocal counter
+        while True:  # redraw on the (rare) byte-identical collision with an earlier image
+            counter += 1
+            rel = writer.save(make(), f"{split}_{counter:06d}")
+            if rel is not None:
+                return rel
+
+    for task, k in _task_counts(n, dict.fromkeys(PAIR_TASKS, 1 / len(PAIR_TASKS))).items():
+        values, m = ANSWERS[task], len(ANSWERS[task])
+        # every block of m holds each value once as chosen and once as rejected, so any k is balanced
+        combos = [(values[i], values[(i + shift) % m]) for shift in range(1, m) for i in range(m)]
+        pairs = [combos[i % len(combos)] for i in range(k)]
+        rng.shuffle(pairs)
+        n_reason = round(k * reasoning_share)
+        styles = ["reasoning"] * n_reason + ["short"] * (k - n_reason)
+        rng.shuffle(styles)
+        for i, ((answer, wrong), style) in enumerate(zip(pairs, styles)):
+            if task == "color":
+                image = save(lambda a=answer: scene(rng, size_range, 1, None, a))
+            elif task == "shape":
+                image = save(lambda a=answer: scene(rng, size_range, 1, a, None))
+            else:
+                image = save(lambda a=answer: scene(rng, size_range, int(a), None, None))
+            if style == "short":
+                question, chosen, rejected = rng.choice(QUESTIONS[task]), answer, wrong
+            else:
+                question = rng.choice([q for q in QUESTIONS[task] if "Answer with" not in q])
+                question += " Explain briefly, then answer."
+                chosen = reasoning_answer(task, answer, answer)
+                rejected = reasoning_answer(task, wrong if i % 2 else answer, wrong)
+            records.append(
+                {
+                    "image": image,
+                    "question": "<image>\n" + question,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "task": task,
+                    "answer": answer,
+                    "style": style,
+                }
+            )
+    rng.shuffle(records)
+    return records
+
+
+def generate_pair_dataset(
+    out_dir: str | Path,
+    *,
+    num_train: int = 2000,
+    num_eval: int = 200,
+    seed: int = 0,
+    image_size_range: tuple[int, int] = (40, 300),
+    reasoning_share: float = REASONING_SHARE,
+    max_dynamic_patch: int | None = None,
+) -> Path:
+    """Write a preference-pair (MMPR-format) demo set to ``out_dir``; return ``meta_pairs_train.json``.
+
+    Layout: ``images/pairs_*.png``, ``pairs_train.jsonl``, ``pairs_eval.jsonl`` (images never
+    byte-identical to a training image), ``meta_pairs_train.json`` / ``meta_pairs_eval.json``. It can
+    share a directory with `generate_sft_dataset`'s output. Records carry MMPR's fields plus
+    ``task``, ``answer`` and ``style``. Deterministic under ``seed``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ImageWriter(out)
+    rng = random.Random(f"pairs:{seed}")
+    extra = {} if max_dynamic_patch is None else {"max_dynamic_patch": max_dynamic_patch}
+    for split, n in {"train": num_train, "eval": num_eval}.items():
+        records = make_pair_records(f"pairs_{split}", n, rng, writer, image_size_range, reasoning_share)
+        write_jsonl(out / f"pairs_{split}.jsonl", records)
+        write_meta(
+            out / f"meta_pairs_{split}.json",
+            f"shapes_pairs_{split}",
+            f"pairs_{split}.jsonl",
+            data_augment=split == "train",
+            length=len(records),
+            **extra,
+        )
+    return out / "meta_pairs_train.json"

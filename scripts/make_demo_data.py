@@ -2,6 +2,10 @@
 
 python scripts/make_demo_data.py demo_data --num-train 4000 --num-eval 400
 vlmtune check-data demo_data/meta_train.json
+
+--pairs also writes the preference pairs for MPO (MMPR format) next to it:
+python scripts/make_demo_data.py demo_data --pairs --num-pairs-train 2000 --num-pairs-eval 200
+-> demo_data/meta_pairs_train.json, demo_data/meta_pairs_eval.json
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from data.synthetic import generate_sft_dataset
+from data.synthetic import generate_pair_dataset, generate_sft_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-dynamic-patch", type=int, help="write this per-dataset tile limit into the meta files"
     )
+    parser.add_argument("--pairs", action="store_true", help="also write MPO preference pairs (MMPR format)")
+    parser.add_argument("--num-pairs-train", type=int, default=2000)
+    parser.add_argument("--num-pairs-eval", type=int, default=200)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     meta = generate_sft_dataset(
@@ -38,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         max_dynamic_patch=args.max_dynamic_patch,
     )
     print(f"wrote {meta} and {meta.with_name('meta_eval.json')} in {time.perf_counter() - t0:.1f}s")
+    if args.pairs:
+        t0 = time.perf_counter()
+        meta = generate_pair_dataset(
+            args.out_dir,
+            num_train=args.num_pairs_train,
+            num_eval=args.num_pairs_eval,
+            seed=args.seed,
+            image_size_range=(args.min_side, args.max_side),
+            max_dynamic_patch=args.max_dynamic_patch,
+        )
+        print(f"wrote {meta} and {meta.with_name('meta_pairs_eval.json')} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -93,7 +93,9 @@ def load_checkpoint(engine: Any, out_dir: Path, tag: str) -> tuple[dict[str, Any
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
     rank_file = ckpt_root / tag / f"vlmtune_rank{dist.get_rank():05d}.pt"
     if not rank_file.exists():
-        raise RuntimeError(f"{rank_file} is missing: was the world size changed since the checkpoint was written?")
+        raise RuntimeError(
+            f"{rank_file} is missing: was the world size changed since the checkpoint was written?"
+        )
     per_rank = torch.load(rank_file, weights_only=False)
     set_rng_state(per_rank.pop("rng"))
     return client["vlmtune"], per_rank

@@ -9,7 +9,12 @@ import sys
 # `vlmtune --help` and `vlmtune check-data` don't pay for torch/deepspeed imports they don't use.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("train.sft", "main", "supervised fine-tuning (Hydra overrides, e.g. experiment=demo)"),
-    "eval": ("train.evaluate", "main", "held-out exact-match accuracy of an exported model (+ blank-image control)"),
+    "mpo": ("train.mpo", "main", "Mixed Preference Optimization on MMPR-style pairs (Hydra overrides)"),
+    "eval": (
+        "train.evaluate",
+        "main",
+        "held-out exact-match accuracy of an exported model (+ blank-image control)",
+    ),
     "check-data": ("data.check", "main", "validate an InternVL meta file: counts per reason, lengths, tiles"),
 }
 

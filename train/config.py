@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from data.dataset import DataConfig
 from train.models import ModelConfig
+from train.objectives.mpo import MPOLossConfig
 
 
 @dataclass
@@ -97,10 +98,20 @@ class SFTRunConfig:
     prepare_demo: bool = False  # generate the synthetic data and tiny checkpoint first if missing
 
 
+@dataclass
+class MPORunConfig(SFTRunConfig):
+    """`vlmtune mpo`: the SFT run's fields plus the MPO loss and the reference policy."""
+
+    loss: MPOLossConfig = field(default_factory=MPOLossConfig)
+    reference: str = "copy"  # copy: a frozen copy of the starting model (ZeRO-3 sharded like the policy)
+
+
 def register_schemas() -> None:
     """Make the schemas visible to Hydra so that yaml files are validated against them."""
     cs = ConfigStore.instance()
     cs.store(name="sft_schema", node=SFTRunConfig)
+    cs.store(name="mpo_schema", node=MPORunConfig)
+    cs.store(group="loss", name="schema", node=MPOLossConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)

@@ -88,7 +88,12 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig,
     if ds.offload_optimizer:  # ZeRO-Offload steps on CPU with DeepSpeed's CPU Adam
         config["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay},
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
         }
     return _deep_merge(config, dict(ds.extra))
 

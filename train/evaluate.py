@@ -39,8 +39,16 @@ def normalise_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, samples: list[dict], prompts: list[torch.Tensor], *, blank: bool,
-                     max_new_tokens: int, synced: bool) -> list[str]:
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    samples: list[dict],
+    prompts: list[torch.Tensor],
+    *,
+    blank: bool,
+    max_new_tokens: int,
+    synced: bool,
+) -> list[str]:
     """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order)."""
     from train.modeling import model_device_dtype, unwrap
 
@@ -73,8 +81,15 @@ def generate_answers(model: Any, tokenizer: Any, samples: list[dict], prompts: l
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
-def evaluate_accuracy(model: Any, tokenizer: Any, data_cfg: Any, tokens_per_tile: int, max_samples: int | None = None,
-                      batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, Any]:
+def evaluate_accuracy(
+    model: Any,
+    tokenizer: Any,
+    data_cfg: Any,
+    tokens_per_tile: int,
+    max_samples: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+) -> dict[str, Any]:
     """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks."""
     from data.dataset import SampleProcessor, iter_samples
     from data.meta import build_index, load_meta
@@ -102,13 +117,19 @@ def evaluate_accuracy(model: Any, tokenizer: Any, data_cfg: Any, tokens_per_tile
             batch = samples[:1]
         parts = [split_prompt_answer(s, tokenizer) for s in batch]
         prompts = [p for p, _, _ in parts]
-        preds = generate_answers(model, tokenizer, batch, prompts, blank=False, max_new_tokens=max_new_tokens, synced=synced)
-        blank = generate_answers(model, tokenizer, batch, prompts, blank=True, max_new_tokens=max_new_tokens, synced=synced)
+        preds = generate_answers(
+            model, tokenizer, batch, prompts, blank=False, max_new_tokens=max_new_tokens, synced=synced
+        )
+        blank = generate_answers(
+            model, tokenizer, batch, prompts, blank=True, max_new_tokens=max_new_tokens, synced=synced
+        )
         for (_, answer, question), pred, pred_blank in list(zip(parts, preds, blank))[:real]:
             ok = normalise_answer(pred) == normalise_answer(answer)
             ok_blank = normalise_answer(pred_blank) == normalise_answer(answer)
             counts += torch.tensor([ok, ok_blank, 1.0], dtype=torch.float64)
-            records.append({"question": question, "answer": answer, "prediction": pred, "blank_prediction": pred_blank})
+            records.append(
+                {"question": question, "answer": answer, "prediction": pred, "blank_prediction": pred_blank}
+            )
     if was_training:
         model.train()
     if world > 1:
@@ -163,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     settings_file = Path(args.model) / "vlmtune.json"
     settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
     data_cfg = DataConfig(meta_path=args.meta, image_size=size, **settings)
-    results = evaluate_accuracy(model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples)
+    results = evaluate_accuracy(
+        model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples
+    )
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

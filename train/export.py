@@ -16,10 +16,18 @@ import torch.distributed as dist
 
 from train.modeling import unwrap
 
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json")
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
-def export_hf(engine: Any, tokenizer: Any, out: Path, *, source_dir: str | None = None, extra: dict | None = None) -> Path | None:
+def export_hf(
+    engine: Any, tokenizer: Any, out: Path, *, source_dir: str | None = None, extra: dict | None = None
+) -> Path | None:
     """Write the model to ``out`` (rank 0); every rank must call it (ZeRO-3 gathers layer by layer)."""
     out = Path(out)
     rank = dist.get_rank() if dist.is_initialized() else 0

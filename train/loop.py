@@ -78,13 +78,23 @@ def train_loop(
                 sums[k] = sums.get(k, 0.0) + float(v)
             for k in ("num_tokens", "num_samples", "num_slots"):
                 sums[k] = sums.get(k, 0.0) + float(batch[k])
+        if hasattr(objective, "on_step_end"):
+            objective.on_step_end()
         step += 1
         keys = sorted(sums)
-        reduced = all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(skipped_count())], dtype=torch.float64))
+        reduced = all_reduce_sum(
+            torch.tensor([sums[k] for k in keys] + [float(skipped_count())], dtype=torch.float64)
+        )
         elapsed = time.perf_counter() - t0
         if step % log_every == 0 or step == max_steps:
             record: dict[str, Any] = {"step": step}
-            record.update({k: reduced[i].item() for i, k in enumerate(keys) if k not in ("num_tokens", "num_samples", "num_slots")})
+            record.update(
+                {
+                    k: reduced[i].item()
+                    for i, k in enumerate(keys)
+                    if k not in ("num_tokens", "num_samples", "num_slots")
+                }
+            )
             stats = {k: reduced[i].item() for i, k in enumerate(keys)}
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()

@@ -55,7 +55,9 @@ def shift_targets(labels: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return targets
 
 
-def token_weights(targets: torch.Tensor, lengths: list[int], reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def token_weights(
+    targets: torch.Tensor, lengths: list[int], reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position weights for a packed row of shifted targets, and each sample's supervised count."""
     seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     supervised = targets != IGNORE_INDEX

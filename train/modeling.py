@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -36,7 +37,11 @@ def batch_to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, 
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype) if value.is_floating_point() and key == "pixel_values" else value.to(device)
+            value = (
+                value.to(device, dtype)
+                if value.is_floating_point() and key == "pixel_values"
+                else value.to(device)
+            )
         out[key] = value
     return out
 
@@ -58,13 +63,18 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[A
 
 
 def forward_logits(
-    model: torch.nn.Module, batch: dict[str, Any], keep: torch.Tensor, image_outputs: tuple[Any, bool] | None = None
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    keep: torch.Tensor,
+    image_outputs: tuple[Any, bool] | None = None,
 ) -> torch.Tensor:
     """Logits at sequence positions ``keep`` for every row: [B, len(keep), V].
 
     ``image_outputs`` (from ``encode_images``) lets a caller encode the tiles once and reuse them.
     """
-    encoded, real = image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
+    encoded, real = (
+        image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
+    )
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
@@ -72,7 +82,15 @@ def forward_logits(
         "logits_to_keep": keep,
         "use_cache": False,
     }
+    mask = kwargs["attention_mask"]
+    if mask is not None and mask.dim() == 4 and unwrap(model).config._attn_implementation == "eager":
+        dtype = model_device_dtype(model)[1]  # eager adds the mask to the scores: make it additive
+        kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
     if real:
+        if batch.get("feature_index") is not None:  # the same images feed several sequences
+            encoded = BaseModelOutputWithPooling(pooler_output=encoded.pooler_output[batch["feature_index"]])
         kwargs["mm_encoder_outputs"] = {"image": encoded}
     logits = model(**kwargs).logits
     if not real:

@@ -65,7 +65,11 @@ def check_config(cfg: SFTRunConfig) -> None:
     from train.losses import reduction_exponent
 
     reduction_exponent(cfg.train.loss_reduction)
-    if cfg.packing.enabled and cfg.data.max_length is not None and cfg.data.max_length > cfg.packing.max_tokens:
+    if (
+        cfg.packing.enabled
+        and cfg.data.max_length is not None
+        and cfg.data.max_length > cfg.packing.max_tokens
+    ):
         raise ValueError(
             f"data.max_length={cfg.data.max_length} > packing.max_tokens={cfg.packing.max_tokens}: "
             "a sample could never fit a pack"
@@ -84,19 +88,48 @@ def load_tokenizer(cfg: SFTRunConfig):
     return AutoTokenizer.from_pretrained(path)
 
 
-def run_sft(cfg: SFTRunConfig, objective_factory=None) -> dict[str, Any]:
-    """Train; returns a summary (final step, output dir, eval results)."""
-    from data.collate import collate_packed, collate_padded
-    from data.dataset import SampleProcessor
+class SFTMethod:
+    """What SFT plugs into the shared runner: its sample processor, collate and objective."""
+
+    def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Any:
+        from data.dataset import SampleProcessor
+
+        return SampleProcessor(cfg.data, tokenizer, tokens_per_tile)
+
+    def collate(self, cfg: Any, tokenizer: Any, model: Any):
+        from data.collate import collate_packed, collate_padded
+
+        reduction = cfg.train.loss_reduction
+        if cfg.packing.enabled:
+            return lambda samples: collate_packed(samples, reduction)
+        return lambda samples: collate_padded(samples, reduction, tokenizer.pad_token_id)
+
+    def objective(self, cfg: Any, model: Any, ds_config: dict) -> Any:
+        from train.objectives.sft import SFTObjective
+
+        return SFTObjective(cfg.train.loss_reduction)
+
+
+def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
+    return run_training(cfg, SFTMethod())
+
+
+def run_training(cfg: Any, method: Any) -> dict[str, Any]:
+    """Train with ``method`` (SFT, MPO...) through the one loop; returns a summary (step, output dir, eval)."""
     from data.meta import load_meta
     from data.report import SkipReport
     from data.stream import MicroBatchStream
     from train.checkpoint import latest_complete, load_checkpoint
-    from train.engine import build_ds_config, create_engine, init_distributed, resolve_precision, shutdown_distributed
+    from train.engine import (
+        build_ds_config,
+        create_engine,
+        init_distributed,
+        resolve_precision,
+        shutdown_distributed,
+    )
+    from train.loop import train_loop
     from train.metrics import MetricsLogger
     from train.models import build_model, count_parameters, num_image_tokens_per_tile
-    from train.objectives.sft import SFTObjective
-    from train.loop import train_loop
 
     check_config(cfg)
     rank, world = init_distributed()
@@ -127,7 +160,7 @@ def run_sft(cfg: SFTRunConfig, objective_factory=None) -> dict[str, Any]:
         log.info("parameters: %s", json.dumps(counts))
 
     specs = load_meta(cfg.data.meta_path)
-    processor = SampleProcessor(cfg.data, tokenizer, tokens_per_tile)
+    processor = method.processor(cfg, tokenizer, tokens_per_tile)
     loader = SampleLoader(processor, specs, cfg.data.seed)
     report = SkipReport(out_dir / f"skipped_rank{rank}.jsonl")
 
@@ -147,16 +180,9 @@ def run_sft(cfg: SFTRunConfig, objective_factory=None) -> dict[str, Any]:
         on_skip=on_skip,
         num_workers=cfg.train.num_workers,
     )
-    reduction = cfg.train.loss_reduction
-    if cfg.packing.enabled:
-        def collate(samples):
-            return collate_packed(samples, reduction)
-    else:
-        def collate(samples):
-            return collate_padded(samples, reduction, tokenizer.pad_token_id)
-
-    objective = (objective_factory or (lambda c: SFTObjective(c.train.loss_reduction)))(cfg)
+    collate = method.collate(cfg, tokenizer, model)
     ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, world)
+    objective = method.objective(cfg, model, ds_config)
     engine, _, _ = create_engine(model, ds_config, cfg.optim, cfg.train.max_steps)
 
     start_step = 0
@@ -189,7 +215,9 @@ def run_sft(cfg: SFTRunConfig, objective_factory=None) -> dict[str, Any]:
         from train.evaluate import evaluate_accuracy
 
         def evaluate(step: int) -> dict:
-            return evaluate_accuracy(engine, tokenizer, cfg.eval_data, tokens_per_tile, cfg.train.eval_max_samples)
+            return evaluate_accuracy(
+                engine, tokenizer, cfg.eval_data, tokens_per_tile, cfg.train.eval_max_samples
+            )
 
     step = train_loop(
         engine,
@@ -213,15 +241,29 @@ def run_sft(cfg: SFTRunConfig, objective_factory=None) -> dict[str, Any]:
     if cfg.train.export:
         from train.export import export_hf
 
-        data_settings = {k: getattr(cfg.data, k) for k in ("system_prompt", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail", "max_length")}
-        export_hf(engine, tokenizer, out_dir / "hf", source_dir=cfg.model.pretrained, extra={"data": data_settings})
+        data_settings = {
+            k: getattr(cfg.data, k)
+            for k in (
+                "system_prompt",
+                "max_dynamic_patch",
+                "min_dynamic_patch",
+                "use_thumbnail",
+                "max_length",
+            )
+        }
+        export_hf(
+            engine, tokenizer, out_dir / "hf", source_dir=cfg.model.pretrained, extra={"data": data_settings}
+        )
         summary["export"] = str(out_dir / "hf")
     if evaluate is not None:
         results = evaluate(step)
         summary["eval"] = results
         if rank == 0:
             (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-            logger.log({"step": step, **{f"eval/{k}": v for k, v in results.items() if not isinstance(v, dict)}}, advance=0)
+            logger.log(
+                {"step": step, **{f"eval/{k}": v for k, v in results.items() if not isinstance(v, dict)}},
+                advance=0,
+            )
     logger.close()
     report.close()
     shutdown_distributed(engine)

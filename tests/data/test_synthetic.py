@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from data.meta import load_meta
-from data.synthetic import ANSWERS, BACKGROUNDS, COLOURS, generate_sft_dataset
+from data.synthetic import (
+    ANSWERS,
+    BACKGROUNDS,
+    COLOURS,
+    PAIR_TASKS,
+    generate_pair_dataset,
+    generate_sft_dataset,
+    reasoning_answer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +139,83 @@ def test_sizes_and_aspect_ratios_vary(demo):
     ratios = [w / h for w, h in sizes]
     assert min(min(s) for s in sizes) >= 40 and max(max(s) for s in sizes) <= 300
     assert min(ratios) < 0.5 and max(ratios) > 2.0
+
+
+# --- preference pairs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    generate_pair_dataset(out, num_train=200, num_eval=40, seed=3)
+    return out
+
+
+def test_pairs_deterministic_under_seed(pairs, tmp_path):
+    generate_pair_dataset(tmp_path / "again", num_train=200, num_eval=40, seed=3)
+    assert digest_tree(tmp_path / "again") == digest_tree(pairs)
+    generate_pair_dataset(tmp_path / "other", num_train=200, num_eval=40, seed=4)
+    assert (tmp_path / "other" / "pairs_train.jsonl").read_bytes() != (
+        pairs / "pairs_train.jsonl"
+    ).read_bytes()
+
+
+def test_pairs_meta_and_mmpr_fields(pairs):
+    from data.pairs import validate_pair
+
+    [train] = load_meta(pairs / "meta_pairs_train.json")
+    [evals] = load_meta(pairs / "meta_pairs_eval.json")
+    assert (train.num_records, evals.num_records) == (200, 40)
+    assert train.data_augment and not evals.data_augment
+    for r in records(pairs / "pairs_train.jsonl"):
+        pair = validate_pair(r)  # a valid pair: fields present, chosen != rejected
+        assert pair.question.startswith("<image>\n") and pair.images == [r["image"]]
+
+
+def test_pairs_balanced_chosen_and_rejected_per_task(pairs):
+    recs = records(pairs / "pairs_train.jsonl")
+    assert Counter(r["task"] for r in recs) == {"color": 68, "shape": 66, "count": 66}
+    for task in PAIR_TASKS:
+        short = [r for r in recs if r["task"] == task and r["style"] == "short"]
+        reasoning = [r for r in recs if r["task"] == task and r["style"] == "reasoning"]
+        assert len(reasoning) == round(0.3 * (len(short) + len(reasoning)))
+        for r in short:
+            assert r["chosen"] == r["answer"] != r["rejected"] and r["rejected"] in ANSWERS[task]
+        chosen = Counter(r["answer"] for r in short + reasoning)
+        rejected = Counter(r["rejected"] for r in short) + Counter(
+            r["rejected"].rsplit(" ", 1)[1].rstrip(".") for r in reasoning
+        )
+        assert set(chosen) == set(rejected) == set(ANSWERS[task])
+        assert max(chosen.values()) - min(chosen.values()) <= 1, (task, chosen)
+        assert max(rejected.values()) - min(rejected.values()) <= 1, (task, rejected)
+
+
+def test_reasoning_pairs_exact_text(pairs):
+    recs = [r for r in records(pairs / "pairs_train.jsonl") if r["style"] == "reasoning"]
+    colour = next(r for r in recs if r["task"] == "color")
+    a = colour["answer"]
+    assert colour["chosen"] == f"The shape is {a}, so the answer is {a}."
+    assert colour["rejected"] in {f"The shape is {w}, so the answer is {w}." for w in COLOURS if w != a} | {
+        f"The shape is {a}, so the answer is {w}." for w in COLOURS if w != a
+    }
+    assert reasoning_answer("count", "3", "3") == "I count three shapes, so the answer is 3."
+    assert reasoning_answer("count", "1", "2") == "I count one shape, so the answer is 2."
+    assert reasoning_answer("shape", "circle", "circle") == "The shape is a circle, so the answer is circle."
+    # both kinds of wrong chain occur: a misread image and a right reading with a wrong conclusion
+    misread = [r for r in recs if not r["rejected"].startswith(r["chosen"].split(",")[0])]
+    assert 0 < len(misread) < len(recs)
+
+
+def test_pair_answers_are_in_the_pixels_and_eval_disjoint(pairs):
+    recs = records(pairs / "pairs_eval.jsonl")
+    for r in [r for r in recs if r["task"] == "color"][:8]:
+        rgb = np.asarray(Image.open(pairs / r["image"]).convert("RGB"))
+        values = Counter(map(tuple, rgb[shape_pixels(Image.open(pairs / r["image"]))].tolist()))
+        assert values.most_common(1)[0][0] == COLOURS[r["answer"]]
+    for r in [r for r in recs if r["task"] == "count"][:8]:
+        assert components(shape_pixels(Image.open(pairs / r["image"]))) == int(r["answer"])
+    train = {
+        hashlib.sha1((pairs / r["image"]).read_bytes()).hexdigest()
+        for r in records(pairs / "pairs_train.jsonl")
+    }
+    assert not any(hashlib.sha1((pairs / r["image"]).read_bytes()).hexdigest() in train for r in recs)

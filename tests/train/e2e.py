@@ -19,8 +19,14 @@ def free_port() -> int:
 
 def sft_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
-               HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO),
+    )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -29,15 +35,33 @@ def sft_env() -> dict[str, str]:
 def sft_command(overrides: list[str], nproc: int = 1, module: str = "train.sft") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", module, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            "-m", module, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+        *overrides,
+    ]
 
 
-def run_sft(overrides: list[str], nproc: int = 1, timeout: int = 600, module: str = "train.sft") -> subprocess.CompletedProcess:
-    proc = subprocess.run(sft_command(overrides, nproc, module), cwd=REPO, env=sft_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_sft(
+    overrides: list[str], nproc: int = 1, timeout: int = 600, module: str = "train.sft"
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        sft_command(overrides, nproc, module),
+        cwd=REPO,
+        env=sft_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"vlmtune sft failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"vlmtune sft failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

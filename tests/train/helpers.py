@@ -22,7 +22,9 @@ def tiny_tokenizer():
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIGS / "model" / "tiny.yaml"), overrides)
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIGS / "model" / "tiny.yaml"), overrides
+    )
     return OmegaConf.to_object(cfg)
 
 
@@ -31,7 +33,9 @@ def tiny_model(seed: int = 0, **overrides):
     return build_model(tiny_model_config(**overrides), tiny_tokenizer())
 
 
-def make_sample(model, n_images: int, tiles_per_image: int, prompt_len: int, answer_len: int, seed: int) -> dict:
+def make_sample(
+    model, n_images: int, tiles_per_image: int, prompt_len: int, answer_len: int, seed: int
+) -> dict:
     """A sample shaped like the pipeline's: image tokens, a prompt, a supervised answer + <|im_end|>."""
     g = torch.Generator().manual_seed(seed)
     tok = tiny_tokenizer()
@@ -43,7 +47,9 @@ def make_sample(model, n_images: int, tiles_per_image: int, prompt_len: int, ans
     for _ in range(n_images):
         ids += [img] + [ctx] * (tiles_per_image * tpt) + [end]
     ids += torch.randint(300, 1000, (prompt_len,), generator=g).tolist()
-    answer = torch.randint(300, 1000, (answer_len,), generator=g).tolist() + [tok.convert_tokens_to_ids("<|im_end|>")]
+    answer = torch.randint(300, 1000, (answer_len,), generator=g).tolist() + [
+        tok.convert_tokens_to_ids("<|im_end|>")
+    ]
     input_ids = torch.tensor(ids + answer)
     labels = torch.tensor([IGNORE_INDEX] * len(ids) + answer)
     n_tiles = n_images * tiles_per_image

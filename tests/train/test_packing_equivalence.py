@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from data.collate import collate_packed, collate_padded
+from tests.train.helpers import make_sample, tiny_model
 from train.losses import loss_normaliser, weighted_nll_sum
 from train.modeling import forward_logits
-from tests.train.helpers import make_sample, tiny_model
 
 
 def _samples(model):
@@ -46,7 +46,9 @@ def test_packed_equals_unpacked_logits_and_grads(attn):
         torch.testing.assert_close(logits_p[0, offset : offset + n], logits[0], rtol=1e-4, atol=1e-5)
         offset += n
         t, w = single["targets"], single["weights"]
-        (weighted_nll_sum(logits.flatten(0, 1), t.flatten(), w.flatten()) / loss_normaliser(z, "square")).backward()
+        (
+            weighted_nll_sum(logits.flatten(0, 1), t.flatten(), w.flatten()) / loss_normaliser(z, "square")
+        ).backward()
     grads_u = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads_p.keys() == grads_u.keys()
     assert any("vision_tower" in n for n in grads_p)  # the vision path got gradients too

@@ -42,7 +42,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(small_data):
 
     killed = root / "killed"
     cmd = sft_command(base_overrides(ckpt, meta, killed, **{"train.max_steps": steps, "train.save_every": 2}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=sft_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=sft_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     pointer = killed / "checkpoints" / "complete"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -98,7 +100,9 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
     split_meta = _rank_split_dataset(root, meta)
     out = root / "zero3"
     proc = run_sft(
-        base_overrides(ckpt, split_meta, out, **{"train.max_steps": 3, "deepspeed": "zero3", "train.save_every": 3}),
+        base_overrides(
+            ckpt, split_meta, out, **{"train.max_steps": 3, "deepspeed": "zero3", "train.save_every": 3}
+        ),
         nproc=2,
         timeout=900,
     )
@@ -118,3 +122,28 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
         torch.testing.assert_close(loaded[name], tensor.to(loaded[name].dtype), msg=name)
     initial = InternVLForConditionalGeneration.from_pretrained(ckpt).state_dict()
     assert any(not torch.equal(initial[n], loaded[n]) for n in reference)  # training changed the weights
+
+
+@pytest.mark.parametrize("reduction, zero_stage", [("square", 0), ("sample", 2)])
+def test_loss_invariance_two_ranks(tmp_path, reduction, zero_stage):
+    """The real loop on 2 ranks x 2 accumulation steps gives the gradient of one big packed batch."""
+    import sys
+
+    from tests.train.e2e import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(REPO / "tests" / "train" / "dist_grad_check.py"),
+        str(tmp_path),
+        reduction,
+        str(zero_stage),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=sft_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["max_grad"] > 1e-3  # a real gradient, not all zeros
+    assert result["max_abs_diff"] < 1e-5 * max(1.0, result["max_grad"])

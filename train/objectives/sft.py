@@ -26,6 +26,8 @@ class SFTObjective:
         targets, weights = batch["targets"], batch["weights"]
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # sequence positions with a target
         logits = forward_logits(model, batch, keep)  # [B, K, V]
-        loss_sum = weighted_nll_sum(logits.flatten(0, 1), targets[:, keep].flatten(), weights[:, keep].flatten())
+        loss_sum = weighted_nll_sum(
+            logits.flatten(0, 1), targets[:, keep].flatten(), weights[:, keep].flatten()
+        )
         loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
         return loss, {"loss": loss.item()}

@@ -1,0 +1,107 @@
+"""The Hydra tree composes for every preset, and bad values fail at start with a message naming them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from train.config import DeepSpeedConfig, OptimConfig, TrainConfig, register_schemas
+from train.engine import build_ds_config, cosine_with_warmup
+from train.sft import CONFIG_DIR, check_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _compose(overrides: list[str]):
+    register_schemas()
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return compose("sft", overrides=overrides)
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml")))
+def test_every_model_and_zero_preset_composes(model):
+    for zero in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
+        cfg = OmegaConf.to_object(_compose([f"model={model}", f"deepspeed={zero}", "data.meta_path=x.json"]))
+        assert cfg.model.name
+        assert cfg.deepspeed.zero_stage in (0, 1, 2, 3)
+
+
+def test_demo_experiment_overrides_only():
+    cfg = OmegaConf.to_object(_compose(["experiment=demo"]))
+    assert cfg.prepare_demo and cfg.model.pretrained == "outputs/demo/tiny_init"
+    assert cfg.eval_data.image_size == cfg.data.image_size == 56
+
+
+def test_typo_key_is_refused_with_its_name():
+    with pytest.raises(Exception, match="max_stpes"):
+        _compose(["train.max_stpes=3"])
+
+
+def test_wrong_type_is_refused_with_its_name():
+    with pytest.raises(Exception, match="max_steps"):
+        OmegaConf.to_object(_compose(["train.max_steps=many"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.loss_reduction=mean"], "loss_reduction"),
+        (["data.max_length=9000", "packing.max_tokens=8192"], "max_length"),
+        (["train.gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
+    ],
+)
+def test_bad_values_are_refused_at_start(overrides, message):
+    cfg = OmegaConf.to_object(_compose(["data.meta_path=x.json", *overrides]))
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg)
+
+
+def test_cli_reports_a_typo_and_exits_non_zero():
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.sft", "train.max_stpes=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "max_stpes" in proc.stdout + proc.stderr
+
+
+def test_deepspeed_json_from_config():
+    train, optim = (
+        TrainConfig(micro_batch_size=2, gradient_accumulation_steps=4),
+        OptimConfig(max_grad_norm=0.5),
+    )
+    ds = build_ds_config(
+        DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True), train, optim, world_size=8
+    )
+    assert ds["train_batch_size"] == 2 * 4 * 8
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["optimizer"]["type"] == "AdamW"  # offload steps with DeepSpeed's CPU Adam
+    extra = build_ds_config(
+        DeepSpeedConfig(zero_stage=2, extra={"zero_optimization": {"round_robin_gradients": True}}),
+        train,
+        optim,
+        1,
+    )
+    assert (
+        extra["zero_optimization"]["round_robin_gradients"] is True
+        and extra["zero_optimization"]["stage"] == 2
+    )
+    with pytest.raises(ValueError, match="offload_param"):
+        build_ds_config(DeepSpeedConfig(zero_stage=2, offload_param=True), train, optim, 1)
+
+
+def test_cosine_schedule_by_hand():
+    assert cosine_with_warmup(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 100, 10, 0.0) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 100, 10, 0.1) == pytest.approx(0.1)

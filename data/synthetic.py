@@ -23,6 +23,7 @@ import math
 import random
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,7 @@ class _ImageWriter:
         self.root = root
         (root / "images").mkdir(parents=True, exist_ok=True)
         self.seen: set[str] = set()
+        self.counter = 0
 
     def save(self, image: Image.Image, name: str) -> str | None:
         buf = io.BytesIO()
@@ -184,6 +186,15 @@ class _ImageWriter:
         rel = f"images/{name}.png"
         (self.root / rel).write_bytes(buf.getvalue())
         return rel
+
+    def save_new(self, make: Callable[[], Image.Image], prefix: str) -> str:
+        """Draw with ``make`` and save under the next free name, redrawing on the (rare)
+        byte-identical collision with an earlier image."""
+        while True:
+            self.counter += 1
+            rel = self.save(make(), f"{prefix}_{self.counter:06d}")
+            if rel is not None:
+                return rel
 
 
 def write_video(path: Path, frames: list[Image.Image], fps: int = 8) -> None:
@@ -229,15 +240,9 @@ def make_records(
 ) -> list[dict[str, Any]]:
     """``n`` records (+ ``num_videos``) of the split, images written through ``writer``."""
     records: list[dict[str, Any]] = []
-    counter = 0
 
-    def save(make) -> str:
-        nonlocal counter
-        while True:  # redraw on the (rare) byte-identical collision with an earlier image
-            counter += 1
-            rel = writer.save(make(), f"{split}_{counter:06d}")
-            if rel is not None:
-                return rel
+    def save(make: Callable[[], Image.Image]) -> str:
+        return writer.save_new(make, split)
 
     for task, k in _task_counts(n, task_weights or TASK_WEIGHTS).items():
         if task == "text":
@@ -273,8 +278,8 @@ def make_records(
             record["conversations"] = _turns(placeholder + question, answer)
             records.append(record)
     for answer in _balanced(ANSWERS["video"], num_videos, rng):
-        counter += 1
-        rel = f"images/{split}_{counter:06d}.mp4"
+        writer.counter += 1
+        rel = f"images/{split}_{writer.counter:06d}.mp4"
         write_video(writer.root / rel, moving_shape_frames(rng, answer))
         question = "<video>\n" + rng.choice(QUESTIONS["video"])
         records.append(
@@ -456,15 +461,9 @@ def make_pair_records(
     misread the image, the other half read it right and then conclude wrongly.
     """
     records: list[dict[str, Any]] = []
-    counter = 0
 
-    def save(make) -> str:
-        nonlocal counter
-        while True:  # redraw on the (rare) byte-identical collision with an earlier image
-            counter += 1
-            rel = writer.save(make(), f"{split}_{counter:06d}")
-            if rel is not None:
-                return rel
+    def save(make: Callable[[], Image.Image]) -> str:
+        return writer.save_new(make, split)
 
     for task, k in _task_counts(n, dict.fromkeys(PAIR_TASKS, 1 / len(PAIR_TASKS))).items():
         values, m = ANSWERS[task], len(ANSWERS[task])

@@ -80,7 +80,11 @@ def latest_complete(out_dir: Path) -> str | None:
     if not pointer.exists():
         return None
     tag = pointer.read_text().strip()
-    return tag if (pointer.parent / tag).is_dir() else None
+    if not (pointer.parent / tag).is_dir():
+        raise RuntimeError(
+            f"{pointer} names {tag}, which is missing: restore it, or remove the pointer to start over"
+        )
+    return tag
 
 
 def load_checkpoint(engine: Any, out_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -110,7 +110,11 @@ def train_loop(
             )
             logger.log(record, advance=log_every if step % log_every == 0 else step % log_every)
         if evaluate is not None and eval_every and step % eval_every == 0 and step < max_steps:
-            logger.log({"step": step, **{f"eval/{k}": v for k, v in evaluate(step).items()}}, advance=0)
+            results = evaluate(step)
+            logger.log(
+                {"step": step, **{f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}},
+                advance=0,
+            )
         if (save_every and step % save_every == 0) or step == max_steps:
             shared, per_rank = checkpoint_state()
             save_checkpoint(engine, out_dir, step, {"step": step, **shared}, per_rank, keep_last)

@@ -77,12 +77,15 @@ class ModelConfig:
 
 
 def resolve_attn_implementation(name: str) -> str:
-    """Pick the attention kernel; "auto" prefers FlashAttention-2, which packed training needs for speed."""
+    """Pick the attention kernel; "auto" prefers FlashAttention-2 (varlen: packs cost what their
+    samples cost), else ``packed_sdpa`` (train/attention.py: sdpa per packed sample)."""
+    import train.attention  # noqa: F401  (registers packed_sdpa with transformers)
+
     if name != "auto":
         return name
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return "packed_sdpa"
 
 
 def resolve_dtype(name: str, *, loading: bool) -> torch.dtype | str:

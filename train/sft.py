@@ -115,7 +115,21 @@ def run_sft(cfg: SFTRunConfig) -> dict[str, Any]:
 
 
 def run_training(cfg: Any, method: Any) -> dict[str, Any]:
-    """Train with ``method`` (SFT, MPO...) through the one loop; returns a summary (step, output dir, eval)."""
+    """Train with ``method`` (SFT, MPO...) through the one loop; returns a summary (step, output dir, eval).
+
+    The engines live only inside ``_train``: they are released before the process group is torn
+    down, which gloo needs to exit cleanly.
+    """
+    from train.engine import init_distributed, shutdown_distributed
+
+    check_config(cfg)
+    rank, world = init_distributed()
+    summary = _train(cfg, method, rank, world)
+    shutdown_distributed()
+    return summary
+
+
+def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     from data.meta import load_meta
     from data.report import SkipReport
     from data.stream import MicroBatchStream
@@ -123,16 +137,12 @@ def run_training(cfg: Any, method: Any) -> dict[str, Any]:
     from train.engine import (
         build_ds_config,
         create_engine,
-        init_distributed,
         resolve_precision,
-        shutdown_distributed,
     )
     from train.loop import train_loop
     from train.metrics import MetricsLogger
     from train.models import build_model, count_parameters, num_image_tokens_per_tile
 
-    check_config(cfg)
-    rank, world = init_distributed()
     out_dir = Path(cfg.train.output_dir)
     if cfg.prepare_demo:
         from train.demo import prepare_demo
@@ -261,12 +271,11 @@ def run_training(cfg: Any, method: Any) -> dict[str, Any]:
         if rank == 0:
             (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
             logger.log(
-                {"step": step, **{f"eval/{k}": v for k, v in results.items() if not isinstance(v, dict)}},
+                {"step": step, **{f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}},
                 advance=0,
             )
     logger.close()
     report.close()
-    shutdown_distributed(engine)
     return summary
 
 

@@ -6,7 +6,8 @@ tile) and (b) lengths drawn like InternVL SFT data (1-13 tiles x 256 tokens + a 
 answers) at the recipe's pack length.
 
 Tokens/s: forward + backward of the tiny model on the same demo samples, as packed rows
-(``packing.max_tokens``) and as padded micro-batches of ``--batch`` samples (the peers' layout);
+(``packing.max_tokens``, with our ``packed_sdpa`` and with transformers' dense block mask) and as
+padded micro-batches of ``--batch`` samples (the peers' layout);
 the two sides are interleaved, repeated ``--rounds`` times, median and min/max reported.
 
     python scripts/bench/bench_sft.py [--smoke] [--out outputs/bench/sft.json]
@@ -79,6 +80,12 @@ def internvl_like_lengths(n: int, seed: int = 0) -> list[int]:
     return out
 
 
+def ratio(a: list[float], b: list[float]) -> dict[str, float]:
+    """Per-round ratios (the sides ran back to back in each round), median and spread."""
+    r = [x / y for x, y in zip(a, b)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
 def step(model, batch) -> None:
     keep = (batch["targets"] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
     logits = forward_logits(model, batch, keep)
@@ -123,34 +130,41 @@ def main() -> None:
 
     from transformers import InternVLForConditionalGeneration
 
-    model = InternVLForConditionalGeneration.from_pretrained(ckpt, attn_implementation="sdpa").train()
+    import train.attention  # noqa: F401  (registers packed_sdpa)
+
+    models = {
+        impl: InternVLForConditionalGeneration.from_pretrained(ckpt, attn_implementation=impl).train()
+        for impl in ("packed_sdpa", "sdpa")
+    }
     packed_batches = [collate_packed(p.samples, "square") for p in packs]
     padded_batches = [
         collate_padded(samples[i : i + args.batch], "square", 0) for i in range(0, len(samples), args.batch)
     ]
+    sides = {  # name -> (model, batches)
+        "packed": (models["packed_sdpa"], packed_batches),
+        "packed_dense_mask": (models["sdpa"], packed_batches),
+        "padded": (models["sdpa"], padded_batches),
+    }
     total_tokens = sum(lengths)
-    step(model, packed_batches[0])  # warm-up both paths
-    step(model, padded_batches[0])
-    times: dict[str, list[float]] = {"packed": [], "padded": []}
+    for model, batches in sides.values():  # warm-up every path
+        step(model, batches[0])
+    times: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.rounds):
-        order = ["packed", "padded"] if r % 2 == 0 else ["padded", "packed"]
-        for side in order:
-            batches = packed_batches if side == "packed" else padded_batches
+        names = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for name in names:
+            model, batches = sides[name]
             t0 = time.perf_counter()
             for b in batches:
                 step(model, b)
-            times[side].append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
     tps = {k: [total_tokens / t for t in v] for k, v in times.items()}
     result = {
         "fill_ratio": fills,
         "tokens_per_s": {
             k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in tps.items()
         },
-        "speedup_packed_over_padded": {
-            "median": statistics.median(p / q for p, q in zip(tps["packed"], tps["padded"])),
-            "min": min(p / q for p, q in zip(tps["packed"], tps["padded"])),
-            "max": max(p / q for p, q in zip(tps["packed"], tps["padded"])),
-        },
+        "speedup_packed_over_padded": ratio(tps["packed"], tps["padded"]),
+        "speedup_packed_sdpa_over_dense_mask": ratio(tps["packed"], tps["packed_dense_mask"]),
         "samples": len(samples),
         "real_tokens": total_tokens,
         "pack_tokens": args.pack_tokens,
@@ -166,8 +180,10 @@ def main() -> None:
     print("tokens/s, tiny model fwd+bwd (median [min, max]):")
     for k, v in result["tokens_per_s"].items():
         print(f"  {k:<8} {v['median']:>9.0f} [{v['min']:.0f}, {v['max']:.0f}]")
-    s = result["speedup_packed_over_padded"]
-    print(f"packed / padded: {s['median']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]   -> {args.out}")
+    for key in ("speedup_packed_over_padded", "speedup_packed_sdpa_over_dense_mask"):
+        v = result[key]
+        print(f"{key}: {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]")
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,24 +12,9 @@ from data.conversation import (
     validate_record,
 )
 from data.report import SkipSample
+from tests.data.tokens import enc, image_ids
 
 TOKENS_PER_TILE = 16
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from train.tiny import build_tokenizer
-
-    return build_tokenizer(None)
-
-
-def enc(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def image_ids(tok, n_ctx: int) -> list[int]:
-    s, e, c = tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
-    return [s] + [c] * n_ctx + [e]
 
 
 def hand_built(tok, pieces: list[tuple[list[int], bool]]) -> tuple[list[int], list[int]]:

@@ -28,24 +28,9 @@ from data.pairs import (
 )
 from data.report import SkipReport, SkipSample
 from data.synthetic import scene, write_meta
+from tests.data.tokens import enc, image_ids
 
 TILE, TOKENS = 56, 16
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from train.tiny import build_tokenizer
-
-    return build_tokenizer(None)
-
-
-def enc(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def image_ids(tok, n_ctx: int) -> list[int]:
-    s, e, c = tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
-    return [s] + [c] * n_ctx + [e]
 
 
 def cfg_for(meta: Path, **overrides) -> DataConfig:

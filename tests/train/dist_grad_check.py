@@ -82,7 +82,8 @@ def main(out: Path, reduction: str, zero_stage: int) -> None:
     scale = max(ref_grads[n].abs().max().item() for n in ref_grads)
     if rank == 0:
         (out / "result.json").write_text(json.dumps({"max_abs_diff": worst, "max_grad": scale}))
-    shutdown_distributed(engine)
+    del engine, model, objective
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,20 @@ def test_demo_experiment_overrides_only():
     assert cfg.eval_data.image_size == cfg.data.image_size == 56
 
 
+def test_38b_preset_mirrors_the_official_launch():
+    cfg = OmegaConf.to_object(_compose(["experiment=internvl3_38b_sft", "data.meta_path=x.json"]))
+    assert (
+        cfg.model.name
+        and cfg.model.freeze_vision
+        and not cfg.model.freeze_llm
+        and not cfg.model.freeze_projector
+    )
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_ratio) == (2e-5, 0.05, 0.03)
+    assert (cfg.data.max_length, cfg.data.max_dynamic_patch, cfg.data.image_size) == (16384, 12, 448)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.model.gradient_checkpointing
+    check_config(cfg)
+
+
 def test_typo_key_is_refused_with_its_name():
     with pytest.raises(Exception, match="max_stpes"):
         _compose(["train.max_stpes=3"])

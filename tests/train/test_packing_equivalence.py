@@ -24,7 +24,7 @@ def _loss_and_logits(model, batch, reduction="square"):
     return total / loss_normaliser(batch["supervised_counts"], reduction), logits
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa", "eager"])
 def test_packed_equals_unpacked_logits_and_grads(attn):
     model = tiny_model(attn_implementation=attn).eval()  # eval: no dropout; grads still flow
     samples = _samples(model)
@@ -57,9 +57,17 @@ def test_packed_equals_unpacked_logits_and_grads(attn):
 
 
 @pytest.mark.parametrize("reduction", ["token", "square"])
-def test_padded_batch_equals_packed_loss(reduction):
-    model = tiny_model().eval()
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa"])
+def test_padded_batch_equals_packed_loss(reduction, attn):
+    model = tiny_model(attn_implementation=attn).eval()
     samples = _samples(model)
     loss_packed, _ = _loss_and_logits(model, collate_packed(samples, reduction), reduction)
     loss_padded, _ = _loss_and_logits(model, collate_padded(samples, reduction, pad_token_id=0), reduction)
     torch.testing.assert_close(loss_padded, loss_packed, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_bounds_from_restarting_positions():
+    from train.attention import sample_bounds
+
+    assert sample_bounds(torch.tensor([0, 1, 2, 0, 0, 1])) == [0, 3, 4, 6]
+    assert sample_bounds(torch.tensor([0, 1, 2, 3])) == [0, 4]

@@ -1,0 +1,79 @@
+"""Packed attention for the CPU path: one sdpa call per packed sample instead of a dense mask.
+
+transformers turns restarting position ids into a dense [L, L] block-diagonal mask for sdpa, so
+a pack of L tokens costs L^2 attention however short its samples are (flash-attention's varlen
+kernel does not have that cost, but it needs a GPU). ``packed_sdpa`` reads the sample boundaries
+from the position ids (a restart = a new sample, the same rule transformers uses) and runs causal
+sdpa on each sample: attention cost grows with the samples' lengths, not the pack's. Anything else
+(padding masks, tree masks, generation with a cache) falls through to transformers' sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_SDPA = "packed_sdpa"
+
+
+def sample_bounds(position_ids: torch.Tensor) -> list[int]:
+    """Start offsets of the packed samples (plus the end) of a single row of position ids."""
+    restarts = (torch.diff(position_ids) != 1).nonzero().flatten() + 1
+    return [0, *restarts.tolist(), int(position_ids.numel())]
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    packed = (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+    )
+    if not packed:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    value = repeat_kv(value, query.shape[1] // value.shape[1])
+    bounds = sample_bounds(position_ids.reshape(-1))
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
+            )
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """No dense mask when there is no padding mask (the attention splits the samples itself)."""
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)

@@ -276,6 +276,18 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
             )
     logger.close()
     report.close()
+    if rank == 0:
+        log.info("done: step %d, %d samples skipped, output in %s", step, report.total, out_dir)
+        if "eval" in summary:
+            e = summary["eval"]
+            log.info(
+                "held-out exact match %.3f | same model, blank images %.3f | majority answer %.3f (n=%d) -> %s",
+                e["accuracy"],
+                e["blank_image_accuracy"],
+                e["majority_baseline"],
+                e["num_samples"],
+                out_dir / "eval.json",
+            )
     return summary
 
 

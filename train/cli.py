@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "held-out exact-match accuracy of an exported model (+ blank-image control)",
     ),
+    "report": ("train.report", "main", "markdown table + plot of a sweep's runs (e.g. the MPO ablation)"),
     "check-data": ("data.check", "main", "validate an InternVL meta file: counts per reason, lengths, tiles"),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import gc
 import os
@@ -36,14 +37,28 @@ def init_distributed() -> tuple[int, int]:
 
 
 def shutdown_distributed() -> None:
-    """Tear down the process group after the caller dropped its engines (``del engine``).
+    """Release the finished run's engines now; tear the process group down at interpreter exit.
 
-    With a DeepSpeed engine still alive when the interpreter exits, gloo runs abort at exit
-    (SIGABRT) in a third to a half of runs; released first, none did.
+    With a DeepSpeed engine still alive when the process group is destroyed at exit, gloo runs
+    abort (SIGABRT) in a third to a half of runs; the caller has dropped its engines, and the
+    collection here frees them. The group itself is kept until exit because DeepSpeed caches its
+    groups: a second run in the same process (a Hydra multirun sweep) must reuse it.
     """
     gc.collect()
     if dist.is_initialized():
         dist.barrier()
+        global _EXIT_HOOK
+        if not _EXIT_HOOK:
+            atexit.register(_destroy_process_group)
+            _EXIT_HOOK = True
+
+
+_EXIT_HOOK = False
+
+
+def _destroy_process_group() -> None:
+    gc.collect()
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

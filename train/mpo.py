@@ -68,6 +68,9 @@ class MPOMethod:
 
 
 def run_mpo(cfg: Any) -> dict[str, Any]:
+    from train.objectives.mpo import check_mpo_config
+
+    check_mpo_config(cfg.loss)
     return run_training(cfg, MPOMethod())
 
 

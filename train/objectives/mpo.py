@@ -36,6 +36,21 @@ class MPOLossConfig:
     layout: str = "auto"  # tree (prompt shared, sdpa/eager) | separate (flash-attention) | auto
 
 
+def check_mpo_config(cfg: MPOLossConfig) -> None:
+    """Refuse at start what would fail at the first step."""
+    from train.losses import reduction_exponent
+    from train.preference import PREFERENCE_LOSSES
+
+    if cfg.preference not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss.preference={cfg.preference!r} is unknown; valid: {sorted(PREFERENCE_LOSSES)}")
+    if cfg.preference == "exo_pair" and cfg.label_smoothing <= 0:
+        raise ValueError("loss.preference=exo_pair needs loss.label_smoothing > 0 (TRL used 1e-3)")
+    for name in ("preference_weight", "quality_weight", "generation_weight", "beta"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"loss.{name} must be >= 0, got {getattr(cfg, name)}")
+    reduction_exponent(cfg.generation_reduction)
+
+
 def resolve_layout(layout: str, attn_implementation: str) -> str:
     if layout == "auto":
         return "separate" if attn_implementation.startswith("flash") else "tree"

@@ -1,0 +1,132 @@
+"""`vlmtune report <sweep dir>`: one row per run of a sweep (e.g. the MPO ablation) and a plot.
+
+Reads each run's ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (when present), names the run
+by the config values that differ between runs, and writes ``report.md`` (a markdown table) and
+``report.png`` (loss and reward-accuracy curves per run, and held-out accuracy when evaluated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def load_runs(sweep: Path) -> list[dict[str, Any]]:
+    """Every directory under ``sweep`` holding a metrics.jsonl: its config, metrics and eval results."""
+    runs = []
+    for metrics_file in sorted(sweep.rglob("metrics.jsonl")):
+        run_dir = metrics_file.parent
+        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        config_file = run_dir / "config.yaml"
+        config = _flatten(OmegaConf.to_container(OmegaConf.load(config_file))) if config_file.exists() else {}
+        eval_file = run_dir / "eval.json"
+        runs.append(
+            {
+                "dir": run_dir,
+                "config": config,
+                "train": [r for r in records if "loss" in r],
+                "eval": json.loads(eval_file.read_text()) if eval_file.exists() else None,
+            }
+        )
+    if not runs:
+        raise SystemExit(f"vlmtune report: no metrics.jsonl under {sweep}")
+    return runs
+
+
+def run_names(runs: list[dict[str, Any]]) -> list[str]:
+    """Name runs by the config keys whose values differ across the sweep (output paths excluded)."""
+    keys = sorted({k for r in runs for k in r["config"]})
+    varying = [
+        k
+        for k in keys
+        if len({json.dumps(r["config"].get(k), default=str) for r in runs}) > 1
+        and not k.endswith("output_dir")
+    ]
+    if not varying:
+        return [r["dir"].name for r in runs]
+    return [", ".join(f"{k.split('.', 1)[-1]}={r['config'].get(k)}" for k in varying) for r in runs]
+
+
+def summarise(run: dict[str, Any], tail: float = 0.1) -> dict[str, Any]:
+    """Final loss, reward accuracy/margin averaged over the last ``tail`` of steps, held-out accuracy."""
+    train = run["train"]
+    last = train[-max(1, int(len(train) * tail)) :] if train else []
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in last if key in r]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "loss": train[-1]["loss"] if train else None,
+        "reward_accuracy": mean("rewards/accuracy"),
+        "reward_margin": mean("rewards/margin"),
+        "eval_accuracy": run["eval"].get("accuracy") if run["eval"] else None,
+    }
+
+
+def markdown_table(names: list[str], rows: list[dict[str, Any]]) -> str:
+    cols = ["steps", "loss", "reward_accuracy", "reward_margin", "eval_accuracy"]
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(fmt(row[c]) for c in cols) + " |" for name, row in zip(names, rows)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(names: list[str], runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, run in zip(names, runs):
+        steps = [r["step"] for r in run["train"]]
+        axes[0].plot(steps, [r["loss"] for r in run["train"]], label=name)
+        if any("rewards/accuracy" in r for r in run["train"]):
+            axes[1].plot(steps, [r.get("rewards/accuracy") for r in run["train"]], label=name)
+    evaluated = [(n, r["eval"]["accuracy"]) for n, r in zip(names, runs) if r["eval"]]
+    if evaluated:
+        axes[2].barh([n for n, _ in evaluated], [a for _, a in evaluated])
+    for ax, title in zip(axes, ("loss", "reward accuracy", "held-out accuracy")):
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmtune report", description=__doc__)
+    parser.add_argument("sweep", help="a directory holding runs (e.g. a Hydra multirun dir)")
+    parser.add_argument(
+        "--out", default=None, help="where to write report.md / report.png (default: the sweep dir)"
+    )
+    args = parser.parse_args(argv)
+    sweep = Path(args.sweep)
+    out = Path(args.out) if args.out else sweep
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(sweep)
+    names = run_names(runs)
+    table = markdown_table(names, [summarise(r) for r in runs])
+    (out / "report.md").write_text(f"# {sweep}\n\n{table}")
+    plot(names, runs, out / "report.png")
+    print(table)
+    print(f"wrote {out / 'report.md'} and {out / 'report.png'}")
+    return 0

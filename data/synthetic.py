@@ -452,6 +452,8 @@ def make_pair_records(
     writer: _ImageWriter,
     size_range: tuple[int, int],
     reasoning_share: float = REASONING_SHARE,
+    tasks: tuple[str, ...] = PAIR_TASKS,
+    max_aspect: float = 3.0,
 ) -> list[dict[str, Any]]:
     """``n`` MMPR records: chosen = the right answer, rejected = another value of the same task.
 
@@ -465,7 +467,7 @@ def make_pair_records(
     def save(make: Callable[[], Image.Image]) -> str:
         return writer.save_new(make, split)
 
-    for task, k in _task_counts(n, dict.fromkeys(PAIR_TASKS, 1 / len(PAIR_TASKS))).items():
+    for task, k in _task_counts(n, dict.fromkeys(tasks, 1 / len(tasks))).items():
         values, m = ANSWERS[task], len(ANSWERS[task])
         # every block of m holds each value once as chosen and once as rejected, so any k is balanced
         combos = [(values[i], values[(i + shift) % m]) for shift in range(1, m) for i in range(m)]
@@ -476,11 +478,11 @@ def make_pair_records(
         rng.shuffle(styles)
         for i, ((answer, wrong), style) in enumerate(zip(pairs, styles)):
             if task == "color":
-                image = save(lambda a=answer: scene(rng, size_range, 1, None, a))
+                image = save(lambda a=answer: scene(rng, size_range, 1, None, a, max_aspect))
             elif task == "shape":
-                image = save(lambda a=answer: scene(rng, size_range, 1, a, None))
+                image = save(lambda a=answer: scene(rng, size_range, 1, a, None, max_aspect))
             else:
-                image = save(lambda a=answer: scene(rng, size_range, int(a), None, None))
+                image = save(lambda a=answer: scene(rng, size_range, int(a), None, None, max_aspect))
             if style == "short":
                 question, chosen, rejected = rng.choice(QUESTIONS[task]), answer, wrong
             else:
@@ -512,13 +514,16 @@ def generate_pair_dataset(
     image_size_range: tuple[int, int] = (40, 300),
     reasoning_share: float = REASONING_SHARE,
     max_dynamic_patch: int | None = None,
+    tasks: tuple[str, ...] = PAIR_TASKS,
+    max_aspect: float = 3.0,
 ) -> Path:
     """Write a preference-pair (MMPR-format) demo set to ``out_dir``; return ``meta_pairs_train.json``.
 
     Layout: ``images/pairs_*.png``, ``pairs_train.jsonl``, ``pairs_eval.jsonl`` (images never
     byte-identical to a training image), ``meta_pairs_train.json`` / ``meta_pairs_eval.json``. It can
     share a directory with `generate_sft_dataset`'s output. Records carry MMPR's fields plus
-    ``task``, ``answer`` and ``style``. Deterministic under ``seed``.
+    ``task``, ``answer`` and ``style``. Deterministic under ``seed``. ``tasks`` and ``max_aspect``
+    as in `generate_sft_dataset`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -526,7 +531,9 @@ def generate_pair_dataset(
     rng = random.Random(f"pairs:{seed}")
     extra = {} if max_dynamic_patch is None else {"max_dynamic_patch": max_dynamic_patch}
     for split, n in {"train": num_train, "eval": num_eval}.items():
-        records = make_pair_records(f"pairs_{split}", n, rng, writer, image_size_range, reasoning_share)
+        records = make_pair_records(
+            f"pairs_{split}", n, rng, writer, image_size_range, reasoning_share, tasks, max_aspect
+        )
         write_jsonl(out / f"pairs_{split}.jsonl", records)
         write_meta(
             out / f"meta_pairs_{split}.json",

@@ -81,6 +81,7 @@ class TrainConfig:
     resume: bool = True  # continue from the newest complete checkpoint in output_dir if there is one
     export: bool = True  # write an HF-format model to output_dir/hf at the end
     eval_max_samples: int | None = None  # cap on held-out samples for eval (None = all)
+    eval_before: bool = False  # also evaluate the starting model (eval.json gets a "before" entry)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

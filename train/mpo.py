@@ -44,6 +44,11 @@ class MPOMethod:
             )
         return self.layout
 
+    def prepare_demo(self, cfg: Any) -> None:
+        from train.demo import prepare_mpo_demo
+
+        prepare_mpo_demo(cfg)
+
     def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Any:
         from data.pairs import PairProcessor
 

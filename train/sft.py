@@ -104,6 +104,11 @@ class SFTMethod:
             return lambda samples: collate_packed(samples, reduction)
         return lambda samples: collate_padded(samples, reduction, tokenizer.pad_token_id)
 
+    def prepare_demo(self, cfg: Any) -> None:
+        from train.demo import prepare_demo
+
+        prepare_demo(cfg)
+
     def objective(self, cfg: Any, model: Any, ds_config: dict) -> Any:
         from train.objectives.sft import SFTObjective
 
@@ -145,10 +150,8 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
 
     out_dir = Path(cfg.train.output_dir)
     if cfg.prepare_demo:
-        from train.demo import prepare_demo
-
         if rank == 0:
-            prepare_demo(cfg)
+            method.prepare_demo(cfg)
         dist.barrier()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +232,9 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
                 engine, tokenizer, cfg.eval_data, tokens_per_tile, cfg.train.eval_max_samples
             )
 
+    before = (
+        evaluate(start_step) if evaluate is not None and cfg.train.eval_before and start_step == 0 else None
+    )
     step = train_loop(
         engine,
         objective,
@@ -267,6 +273,8 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
         summary["export"] = str(out_dir / "hf")
     if evaluate is not None:
         results = evaluate(step)
+        if before is not None:
+            results["before"] = {k: v for k, v in before.items() if k != "examples"}
         summary["eval"] = results
         if rank == 0:
             (out_dir / "eval.json").write_text(json.dumps(results, indent=2))

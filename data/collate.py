@@ -156,6 +156,7 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
         "chosen_counts": counts,
         "response_lengths": lengths,
         "num_pairs": len(pairs),
+        "sources": [p.get("source", "") for p in pairs],
         "num_samples": len(pairs),
         "num_tokens": offset,
         "num_slots": offset,

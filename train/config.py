@@ -104,7 +104,8 @@ class MPORunConfig(SFTRunConfig):
     """`vlmtune mpo`: the SFT run's fields plus the MPO loss and the reference policy."""
 
     loss: MPOLossConfig = field(default_factory=MPOLossConfig)
-    reference: str = "copy"  # copy: a frozen copy of the starting model (ZeRO-3 sharded like the policy)
+    reference: str = "copy"  # copy: a frozen copy of the starting model (ZeRO-3 sharded like the policy);
+    # precomputed: its log-probs computed once before training, cached in output_dir (no reference in memory)
 
 
 def register_schemas() -> None:

@@ -64,12 +64,69 @@ class MPOMethod:
         from train.objectives.mpo import MPOObjective
         from train.reference import frozen_copy_reference
 
-        if cfg.reference != "copy":
-            raise ValueError(f"reference={cfg.reference!r} is not available yet; use reference=copy")
+        if cfg.reference not in ("copy", "precomputed"):
+            raise ValueError(f"reference must be 'copy' or 'precomputed', got {cfg.reference!r}")
         needs = cfg.loss.preference_weight or cfg.loss.quality_weight
-        reference = frozen_copy_reference(model, ds_config) if needs else None
+        # precomputed: the cache is filled by on_engine, before the first step
+        reference = frozen_copy_reference(model, ds_config) if needs and cfg.reference == "copy" else None
         share = cfg.model.freeze_vision and cfg.model.freeze_projector
         return MPOObjective(cfg.loss, reference, share_vision=share)
+
+    def on_engine(
+        self, cfg: Any, engine: Any, objective: Any, processor: Any, specs: list, collate: Any, out_dir: Any
+    ) -> None:
+        """``reference=precomputed``: load the cached reference log-probs, or compute them now with the
+        untrained policy (ZeRO-3 sharded like training) and save them in the output dir."""
+        if cfg.reference != "precomputed" or not objective.needs_reference:
+            return
+        import torch
+        import torch.distributed as dist
+
+        from data.dataset import iter_samples
+        from data.report import SkipReport
+        from train.reference import cache_key, cached_reference, precompute_reference
+
+        if any(spec.data_augment for spec in specs):
+            raise ValueError(
+                "reference=precomputed needs data_augment off in the meta file: the cached reference would "
+                "have seen other pixels than the policy does"
+            )
+        settings = {
+            k: getattr(cfg.data, k)
+            for k in (
+                "max_length",
+                "image_size",
+                "max_dynamic_patch",
+                "min_dynamic_patch",
+                "use_thumbnail",
+                "system_prompt",
+            )
+        }
+        key = cache_key(cfg.data.meta_path, cfg.model.pretrained, {**settings, "layout": self._layout(cfg)})
+        path = out_dir / "reference_logps.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)
+            if saved["key"] != key:
+                raise ValueError(
+                    f"{path} was computed for other data, model or settings; delete it to recompute"
+                )
+            cache = saved["logps"]
+        else:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            index = [(d, line) for d, spec in enumerate(specs) for line in range(spec.num_records)][
+                rank::world
+            ]
+            pairs = list(iter_samples(processor.processor, specs, index, 0, SkipReport(), training=False))
+            count = torch.tensor([-(-len(pairs) // 8)])
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            mine = precompute_reference(engine, pairs, collate, batch_pairs=8, num_batches=int(count))
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, mine)
+            cache = {k: v for part in parts for k, v in part.items()}
+            if rank == 0:
+                torch.save({"key": key, "logps": cache}, path)
+            dist.barrier()
+        objective.reference = cached_reference(cache)
 
 
 def run_mpo(cfg: Any) -> dict[str, Any]:

@@ -44,3 +44,67 @@ def frozen_copy_reference(model: torch.nn.Module, ds_config: dict) -> Callable[[
         return response_logps(module, batch, shared_images)[0]
 
     return logps
+
+
+def cache_key(meta_path: str, model_dir: str | None, data_settings: dict) -> str:
+    """What the cached log-probs depend on: the meta file and its annotation files, the starting
+    weights and the data settings. A cache whose key differs is refused, never silently used."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from data.meta import load_meta
+
+    h = hashlib.sha256()
+    h.update(Path(meta_path).read_bytes())
+    for spec in load_meta(meta_path):
+        h.update(spec.annotation.read_bytes())
+    if model_dir is not None:
+        for weights in sorted(Path(model_dir).glob("*.safetensors")):
+            h.update(weights.read_bytes())
+    h.update(json.dumps(data_settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def precompute_reference(
+    module: torch.nn.Module,
+    pairs: list[dict],
+    collate: Callable[[list[dict]], dict],
+    batch_pairs: int = 8,
+    num_batches: int | None = None,
+) -> dict[str, list[float]]:
+    """Reference log-probs of ``pairs`` (this rank's share): source ("file:line") -> [chosen, rejected].
+
+    ``num_batches`` (the largest count over ranks) keeps every rank calling the model equally often,
+    as ZeRO-3 needs: a rank with fewer pairs repeats its first batch and drops the result.
+    """
+    from train.modeling import batch_to_device
+
+    out: dict[str, list[float]] = {}
+    total = num_batches if num_batches is not None else -(-len(pairs) // batch_pairs)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        for b in range(total):
+            chunk = pairs[b * batch_pairs : (b + 1) * batch_pairs]
+            batch = collate(chunk or pairs[:1])
+            logps = response_logps(module, batch_to_device(batch, module))[0].double().cpu()
+            if chunk:
+                out.update({src: row.tolist() for src, row in zip(batch["sources"], logps)})
+    module.train(was_training)
+    return out
+
+
+def cached_reference(cache: dict[str, list[float]]) -> Callable[[dict, Any], torch.Tensor]:
+    """``(batch, _) -> logps [B, 2]`` read from a precomputed cache: no reference model in memory."""
+
+    def logps(batch: dict, shared_images: Any) -> torch.Tensor:
+        missing = [s for s in batch["sources"] if s not in cache]
+        if missing:
+            raise KeyError(
+                f"no cached reference log-probs for {missing[:3]}: the cache does not match this data"
+            )
+        device = batch["input_ids"].device
+        return torch.tensor([cache[s] for s in batch["sources"]], dtype=torch.float32, device=device)
+
+    return logps

@@ -198,6 +198,9 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     objective = method.objective(cfg, model, ds_config)
     engine, _, _ = create_engine(model, ds_config, cfg.optim, cfg.train.max_steps)
 
+    if hasattr(method, "on_engine"):
+        method.on_engine(cfg, engine, objective, processor, specs, collate, out_dir)
+
     start_step = 0
     tag = latest_complete(out_dir) if cfg.train.resume else None
     if tag is not None:

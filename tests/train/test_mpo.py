@@ -130,3 +130,25 @@ def test_generation_only_needs_no_reference():
     )
     loss, metrics = objective(model, batch, objective.weight_totals(batch))
     assert "rewards/chosen" not in metrics and loss.item() > 0
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path):
+    from train.reference import cache_key, cached_reference, frozen_copy_reference, precompute_reference
+
+    model = tiny_model().eval()
+    pairs = _pairs(model)
+    for i, p in enumerate(pairs):
+        p["source"] = f"pairs.jsonl:{i + 1}"
+    live = frozen_copy_reference(model, {"zero_optimization": {"stage": 0}})
+    cache = precompute_reference(model, pairs, lambda ps: collate_pairs(ps, "tree", "token"), batch_pairs=2)
+    batch = collate_pairs([pairs[2], pairs[0]], "separate", "token")  # another grouping and layout
+    torch.testing.assert_close(cached_reference(cache)(batch, None), live(batch, None), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="does not match"):
+        cached_reference({})(batch, None)
+    # the key moves with the data
+    meta = tmp_path / "meta.json"
+    (tmp_path / "a.jsonl").write_text('{"question": "q", "chosen": "a", "rejected": "b"}\n')
+    meta.write_text('{"d": {"root": ".", "annotation": "a.jsonl"}}')
+    key = cache_key(str(meta), None, {"max_length": 10})
+    (tmp_path / "a.jsonl").write_text('{"question": "q", "chosen": "a", "rejected": "c"}\n')
+    assert cache_key(str(meta), None, {"max_length": 10}) != key

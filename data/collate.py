@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data.packing import cu_seq_lens, packed_position_ids
+from data.packing import packed_position_ids
 from train.losses import IGNORE_INDEX, per_token_weight, shift_targets, token_weights
 
 Batch = dict[str, Any]
@@ -38,7 +38,6 @@ def collate_packed(samples: list[dict], reduction: str) -> Batch:
         "weights": weights[None],
         "pixel_values": _pixel_values(samples),
         "lengths": lengths,
-        "cu_seq_lens": cu_seq_lens(lengths),
         "supervised_counts": counts,
         "num_samples": len(samples),
         "num_tokens": sum(lengths),
@@ -72,7 +71,6 @@ def collate_padded(samples: list[dict], reduction: str, pad_token_id: int) -> Ba
         "weights": weights,
         "pixel_values": _pixel_values(samples),
         "lengths": lengths,
-        "cu_seq_lens": None,
         "supervised_counts": torch.cat(counts),
         "num_samples": rows,
         "num_tokens": sum(lengths),

@@ -50,6 +50,24 @@ class DataConfig:
     seed: int = 0
 
 
+def sample_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that decide how a record becomes tokens and tiles (everything but where the data
+    is and the seed): saved with an export so evaluation prompts the model as training did, and part
+    of the key of a precomputed reference cache."""
+    keys = (
+        "max_length",
+        "image_size",
+        "max_dynamic_patch",
+        "min_dynamic_patch",
+        "use_thumbnail",
+        "min_num_frames",
+        "max_num_frames",
+        "jpeg_quality_range",
+        "system_prompt",
+    )
+    return {k: getattr(cfg, k) for k in keys}
+
+
 def sample_rng(seed: int, position: int, epoch: int = 0) -> random.Random:
     """The augmentation RNG of the sample at ``position`` of epoch ``epoch``: a pure function of the three."""
     return random.Random(f"vlmtune:{seed}:{epoch}:{position}")

@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     size = size[0] if isinstance(size, (list, tuple)) else size
     settings_file = Path(args.model) / "vlmtune.json"
     settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
-    data_cfg = DataConfig(meta_path=args.meta, image_size=size, **settings)
+    settings = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+    }  # JSON lists back to tuples
+    data_cfg = DataConfig(**{"image_size": size, **settings, "meta_path": args.meta})
     results = evaluate_accuracy(
         model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples
     )

@@ -70,9 +70,3 @@ def weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch
     """Sum over positions of weight * (-log p(target)); positions with IGNORE_INDEX contribute 0."""
     nll = F.cross_entropy(logits.float(), targets.clamp(min=0), reduction="none")
     return (nll * weights * (targets != IGNORE_INDEX)).sum()
-
-
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of the targets at each position (0 where ignored); the preference losses sum it per response."""
-    logps = -F.cross_entropy(logits.float(), targets.clamp(min=0), reduction="none")
-    return logps * (targets != IGNORE_INDEX)

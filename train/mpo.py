@@ -82,7 +82,7 @@ class MPOMethod:
         import torch
         import torch.distributed as dist
 
-        from data.dataset import iter_samples
+        from data.dataset import iter_samples, sample_settings
         from data.report import SkipReport
         from train.reference import cache_key, cached_reference, precompute_reference
 
@@ -91,18 +91,11 @@ class MPOMethod:
                 "reference=precomputed needs data_augment off in the meta file: the cached reference would "
                 "have seen other pixels than the policy does"
             )
-        settings = {
-            k: getattr(cfg.data, k)
-            for k in (
-                "max_length",
-                "image_size",
-                "max_dynamic_patch",
-                "min_dynamic_patch",
-                "use_thumbnail",
-                "system_prompt",
-            )
-        }
-        key = cache_key(cfg.data.meta_path, cfg.model.pretrained, {**settings, "layout": self._layout(cfg)})
+        key = cache_key(
+            cfg.data.meta_path,
+            cfg.model.pretrained,
+            {**sample_settings(cfg.data), "layout": self._layout(cfg)},
+        )
         path = out_dir / "reference_logps.pt"
         if path.exists():
             saved = torch.load(path, weights_only=False)

@@ -258,20 +258,15 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": report.to_dict()}
     if cfg.train.export:
+        from data.dataset import sample_settings
         from train.export import export_hf
 
-        data_settings = {
-            k: getattr(cfg.data, k)
-            for k in (
-                "system_prompt",
-                "max_dynamic_patch",
-                "min_dynamic_patch",
-                "use_thumbnail",
-                "max_length",
-            )
-        }
         export_hf(
-            engine, tokenizer, out_dir / "hf", source_dir=cfg.model.pretrained, extra={"data": data_settings}
+            engine,
+            tokenizer,
+            out_dir / "hf",
+            source_dir=cfg.model.pretrained,
+            extra={"data": sample_settings(cfg.data)},
         )
         summary["export"] = str(out_dir / "hf")
     if evaluate is not None:

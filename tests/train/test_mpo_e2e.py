@@ -95,12 +95,19 @@ def test_precomputed_reference_run_equals_live_reference_run(pair_data):
     plain.write_text(json.dumps({k: {**v, "data_augment": False} for k, v in entries.items()}))
     live, cached = root / "live", root / "cached"
     run_sft(base_overrides(ckpt, plain, live, **{"train.max_steps": 3}), module="train.mpo")
-    run_sft(base_overrides(ckpt, plain, cached, **{"train.max_steps": 3, "reference": "precomputed"}), module="train.mpo")
+    run_sft(
+        base_overrides(ckpt, plain, cached, **{"train.max_steps": 3, "reference": "precomputed"}),
+        module="train.mpo",
+    )
     assert (cached / "reference_logps.pt").exists()
     for a, b in zip(_metrics(live), _metrics(cached)):
         for key in ("loss", "loss/preference", "loss/quality", "rewards/chosen", "bco/delta"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
     # augmentation on: refused at start, not hours in
     with pytest.raises(AssertionError, match="data_augment"):
-        run_sft(base_overrides(ckpt, meta, root / "refused", **{"train.max_steps": 1, "reference": "precomputed"}),
-                module="train.mpo")
+        run_sft(
+            base_overrides(
+                ckpt, meta, root / "refused", **{"train.max_steps": 1, "reference": "precomputed"}
+            ),
+            module="train.mpo",
+        )

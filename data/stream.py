@@ -101,6 +101,9 @@ class MicroBatchStream:
                 shuffle=False,
                 num_workers=self.num_workers,
                 collate_fn=lambda x: x,
+                # its own generator: a DataLoader draws its workers' base seed from the global RNG
+                # when iterated, which would shift dropout's random stream after a resume
+                generator=torch.Generator().manual_seed(self.state.epoch),
             )
             for key, result in zip(keys, loader):
                 self.state.position += 1

@@ -9,6 +9,10 @@ that pixels really reach the language model. Shapes are big and saturated so the
 tiles. Images vary from 40 to 300 px per side with aspect ratios 1:3..3:1, so dynamic tiling
 yields one to many tiles.
 
+The ``background`` task (the LoRA domain-adaptation demo's new domain) asks what the others never
+do: the colour of the background, vivid there and pale grey everywhere else; its answers are the
+colour words the other tasks already use, so a model needs a new way of looking, not new words.
+
 `generate_bad_samples` writes one record of every bad-input kind among good ones, for the
 bad-input accounting tests. `generate_pair_dataset` writes preference pairs (MMPR format) on the
 same scenes: the right answer chosen, another colour / shape / count rejected.
@@ -61,6 +65,12 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "How many objects are shown? Answer with a number.",
     ),
     "multi_image": ("Which image shows a {colour} shape? Answer first or second.",),
+    "background": (
+        "What color is the background?",
+        "What colour is the background of the image?",
+        "Which color is the background? Answer with one word.",
+        "Name the background color.",
+    ),
     "video": ("What color is the moving shape?", "Which colour is the shape in the video?"),
 }
 ANSWERS: dict[str, tuple[str, ...]] = {
@@ -68,6 +78,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "count": COUNTS,
     "multi_image": ("first", "second"),
+    "background": tuple(COLOURS),
     "video": tuple(COLOURS),
 }
 #: Share of each task in the data (pure text and video are small extras).
@@ -151,6 +162,18 @@ def scene(
     return draw(width, height, shapes, rng.choice(BACKGROUNDS))
 
 
+def background_scene(
+    rng: random.Random, size_range: tuple[int, int], background: str, max_aspect: float = 3.0
+) -> Image.Image:
+    """One small shape of another colour on a ``background``-coloured image (most of the pixels)."""
+    width, height = random_size(rng, size_range, max_aspect)
+    side = max(4, int(min(width, height) * rng.uniform(0.3, 0.5)))
+    x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
+    colour = rng.choice([c for c in COLOURS if c != background])
+    shape = Shape(rng.choice(SHAPES), colour, (x0, y0, x0 + side, y0 + side))
+    return draw(width, height, [shape], COLOURS[background])
+
+
 def _balanced(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
     out = [values[i % len(values)] for i in range(n)]
     rng.shuffle(out)
@@ -159,7 +182,7 @@ def _balanced(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
 
 def _task_counts(n: int, weights: dict[str, float]) -> dict[str, int]:
     counts = {task: int(n * w) for task, w in weights.items()}
-    counts["color"] += n - sum(counts.values())
+    counts["color" if "color" in counts else next(iter(counts))] += n - sum(counts.values())
     return counts
 
 
@@ -264,6 +287,8 @@ def make_records(
                 record["image"] = save(
                     lambda a=answer: scene(rng, size_range, int(a), None, None, max_aspect)
                 )
+            elif task == "background":
+                record["image"] = save(lambda a=answer: background_scene(rng, size_range, a, max_aspect))
             else:
                 colour = rng.choice(list(COLOURS))
                 other = rng.choice([c for c in COLOURS if c != colour])
@@ -313,6 +338,7 @@ def generate_sft_dataset(
     max_dynamic_patch: int | None = None,
     task_weights: dict[str, float] | None = None,
     max_aspect: float = 3.0,
+    name: str = "shapes",
 ) -> Path:
     """Write the demo dataset to ``out_dir`` and return the path of ``meta_train.json``.
 
@@ -320,7 +346,8 @@ def generate_sft_dataset(
     never byte-identical to a training image), ``meta_train.json`` / ``meta_eval.json``. Records
     carry InternVL's fields plus ``task`` and ``answer`` for exact-match evaluation. Deterministic
     under ``seed``. ``task_weights`` (default ``TASK_WEIGHTS``) sets each task's share; ``max_aspect``
-    bounds the images' aspect ratio (1:3..3:1 by default).
+    bounds the images' aspect ratio (1:3..3:1 by default). The meta files name their datasets
+    ``{name}_train`` / ``{name}_eval``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +360,7 @@ def generate_sft_dataset(
         write_jsonl(out / f"{split}.jsonl", records)
         write_meta(
             out / f"meta_{split}.json",
-            f"shapes_{split}",
+            f"{name}_{split}",
             f"{split}.jsonl",
             data_augment=split == "train",
             length=len(records),

@@ -59,7 +59,13 @@ def save_checkpoint(
     rank = dist.get_rank()
     (ckpt_root / tag).mkdir(parents=True, exist_ok=True)
     torch.save({**per_rank, "rng": rng_state()}, ckpt_root / tag / f"vlmtune_rank{rank:05d}.pt")
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"vlmtune": shared}, save_latest=False)
+    engine.save_checkpoint(
+        str(ckpt_root),
+        tag=tag,
+        client_state={"vlmtune": shared},
+        save_latest=False,
+        exclude_frozen_parameters=_adapters_only(engine),
+    )
     dist.barrier()
     if rank == 0:
         _atomic_write(ckpt_root / POINTER, tag)
@@ -87,11 +93,22 @@ def latest_complete(out_dir: Path) -> str | None:
     return tag
 
 
+def _adapters_only(engine: Any) -> bool:
+    """LoRA runs checkpoint only what trains: the frozen base comes from the pretrained directory."""
+    from train.lora import peft_model_of
+
+    return peft_model_of(engine) is not None
+
+
 def load_checkpoint(engine: Any, out_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore DeepSpeed state and return (shared, per_rank) states; RNG is restored here."""
     ckpt_root = Path(out_dir) / "checkpoints"
     load_path, client = engine.load_checkpoint(
-        str(ckpt_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(ckpt_root),
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_strict=not _adapters_only(engine),
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")

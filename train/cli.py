@@ -15,6 +15,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "held-out exact-match accuracy of an exported model (+ blank-image control)",
     ),
+    "merge-lora": (
+        "train.merge",
+        "main",
+        "fold a LoRA adapter into its base model (refuses if the merged logits differ)",
+    ),
+    "plan": (
+        "train.plan",
+        "main",
+        "per-GPU memory of a layout (meta device, DeepSpeed ZeRO estimators), and a layout that fits",
+    ),
     "report": ("train.report", "main", "markdown table + plot of a sweep's runs (e.g. the MPO ablation)"),
     "check-data": ("data.check", "main", "validate an InternVL meta file: counts per reason, lengths, tiles"),
 }

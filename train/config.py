@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from data.dataset import DataConfig
+from train.lora import LoRAConfig
 from train.models import ModelConfig
 from train.objectives.mpo import MPOLossConfig
 
@@ -90,6 +91,7 @@ class SFTRunConfig:
     """Everything `vlmtune sft` needs; composed by Hydra from configs/sft.yaml."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (train/lora.py); off by default
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: DataConfig | None = None  # held-out split (same fields; usually only meta_path differs)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -115,6 +117,7 @@ def register_schemas() -> None:
     cs.store(name="mpo_schema", node=MPORunConfig)
     cs.store(group="loss", name="schema", node=MPOLossConfig)
     cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="lora", name="schema", node=LoRAConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)

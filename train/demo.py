@@ -1,9 +1,13 @@
-"""Everything the demo needs that a fresh machine lacks: synthetic data and the tiny random checkpoint."""
+"""Everything the demos need that a fresh machine lacks: synthetic data, the tiny random checkpoint and,
+for the MPO and LoRA demos, the SFT model they start from (trained in a subprocess)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +20,42 @@ DEMO_TASKS = {"color": 0.47, "shape": 0.47, "multi_image": 0.03, "text": 0.03}
 #: Near-square images: squeezing a wide image into a square tile turns circles into ellipses and
 #: squares into bars, which a model this small cannot untangle in minutes.
 DEMO_MAX_ASPECT = 1.25
+#: The LoRA demo's new domain: the colour of the background (vivid here; the SFT demo's backgrounds
+#: are pale greys and it is only ever asked about the shape).
+LORA_DEMO_TASKS = {"background": 1.0}
 
 
 def prepare_demo(cfg: Any, num_train: int = 6000, num_eval: int = 200) -> None:
-    """Generate the demo dataset and tiny checkpoint where the config expects them, if missing."""
-    from data.synthetic import generate_sft_dataset
+    """Generate the demo dataset and tiny checkpoint where the config expects them, if missing.
+
+    With adapters enabled (`lora.*.enabled`) the demo is the LoRA demo: see `prepare_lora_demo`.
+    """
     from train.tiny import build_tiny_checkpoint
 
+    if cfg.lora.enabled:
+        prepare_lora_demo(cfg)
+        return
     meta = Path(cfg.data.meta_path)
     if not meta.exists():
-        log.info("generating the synthetic demo data in %s", meta.parent)
-        generate_sft_dataset(
-            meta.parent,
-            num_train=num_train,
-            num_eval=num_eval,
-            seed=0,
-            task_weights=DEMO_TASKS,
-            max_aspect=DEMO_MAX_ASPECT,
-        )
+        generate_demo_data(meta.parent, num_train, num_eval)
     if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
         log.info("building the tiny random checkpoint in %s", cfg.model.pretrained)
         build_tiny_checkpoint(cfg.model.pretrained)
+
+
+def generate_demo_data(folder: Path, num_train: int = 6000, num_eval: int = 200) -> None:
+    """The SFT demo's colour/shape data (the same files whichever demo asks for them first)."""
+    from data.synthetic import generate_sft_dataset
+
+    log.info("generating the synthetic demo data in %s", folder)
+    generate_sft_dataset(
+        folder,
+        num_train=num_train,
+        num_eval=num_eval,
+        seed=0,
+        task_weights=DEMO_TASKS,
+        max_aspect=DEMO_MAX_ASPECT,
+    )
 
 
 def prepare_mpo_demo(cfg: Any, sft_steps: int = 100, num_pairs: int = 3000) -> None:
@@ -46,9 +65,6 @@ def prepare_mpo_demo(cfg: Any, sft_steps: int = 100, num_pairs: int = 3000) -> N
     Paths follow the config: pairs beside ``data.meta_path``, the SFT demo data in the same folder,
     the tiny initial checkpoint in ``<that folder>/../tiny_init``, the weak model at ``model.pretrained``.
     """
-    import subprocess
-    import sys
-
     from data.synthetic import generate_pair_dataset
 
     meta = Path(cfg.data.meta_path)
@@ -66,21 +82,107 @@ def prepare_mpo_demo(cfg: Any, sft_steps: int = 100, num_pairs: int = 3000) -> N
     if not (weak / "config.json").exists():
         out = weak.parent
         log.info("training the weak SFT starting point (%d steps) in %s", sft_steps, out)
-        cmd = [
-            sys.executable,
-            "-m",
-            "train.sft",
-            "experiment=demo",
-            f"train.max_steps={sft_steps}",
-            f"train.output_dir={out}",
-            "train.save_every=0",
-            "eval_data=null",
-            f"data.meta_path={meta.parent / 'meta_train.json'}",
-            f"model.pretrained={meta.parent.parent / 'tiny_init'}",
-        ]
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+        run_sft_demo(
+            [
+                f"train.max_steps={sft_steps}",
+                f"train.output_dir={out}",
+                "train.save_every=0",
+                "eval_data=null",
+                f"data.meta_path={meta.parent / 'meta_train.json'}",
+                f"model.pretrained={meta.parent.parent / 'tiny_init'}",
+            ]
+        )
+
+
+def run_sft_demo(overrides: list[str]) -> None:
+    """`vlmtune sft experiment=demo OVERRIDES` in a fresh single-process run (not this run's ranks)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    }
+    subprocess.run([sys.executable, "-m", "train.sft", "experiment=demo", *overrides], check=True, env=env)
+
+
+def prepare_lora_demo(cfg: Any, num_train: int = 3000, num_eval: int = 200) -> None:
+    """The LoRA demo's inputs: a model trained on the SFT demo (the old domain: colours and shapes)
+    and data of a new domain it was never asked about (the background's colour), with one eval set
+    holding both.
+
+    Paths follow the config. ``model.pretrained`` is an SFT run's export ``OUTPUT_DIR/hf``: if it
+    is missing, the SFT demo runs first with that ``OUTPUT_DIR`` (so an earlier `vlmtune sft
+    experiment=demo` is reused as is). The old domain's data is the SFT demo's, in ``data`` beside
+    the new domain's folder (the parent of ``data.meta_path``). ``eval_data.meta_path`` gets a meta
+    file naming both held-out splits, so eval.json scores each (``per_dataset``) before and after;
+    ``meta_train_replay.json`` beside ``data.meta_path`` mixes a tenth of the old training set into
+    the new one (rehearsal against forgetting).
+    """
+    from data.synthetic import generate_sft_dataset
+
+    new = Path(cfg.data.meta_path).parent
+    old = new.parent / "data"
+    if new.resolve() == old.resolve():
+        raise ValueError(
+            f"data.meta_path={cfg.data.meta_path}: prepare_demo with adapters prepares the LoRA demo, whose "
+            "new domain has its own folder beside the SFT demo's `data`; use experiment=demo_lora, or "
+            "prepare_demo=false to train adapters on the SFT demo's data"
+        )
+    base = Path(cfg.model.pretrained)
+    if not (base / "config.json").exists():
+        if base.name != "hf":
+            raise ValueError(
+                f"model.pretrained={base} does not exist: the LoRA demo adapts a trained SFT model; "
+                "point it at an SFT run's OUTPUT_DIR/hf (it is trained first when missing)"
+            )
+        log.info("no SFT model at %s: running the SFT demo first (old domain: colours and shapes)", base)
+        run_sft_demo(
+            [
+                f"train.output_dir={base.parent}",
+                f"data.meta_path={old / 'meta_train.json'}",
+                f"eval_data.meta_path={old / 'meta_eval.json'}",
+                f"model.pretrained={new.parent / 'tiny_init'}",
+            ]
+        )
+    if not (old / "meta_eval.json").exists():
+        generate_demo_data(old)
+    if not (new / "meta_train.json").exists():
+        log.info("generating the new domain's data (background colour) in %s", new)
+        generate_sft_dataset(
+            new,
+            num_train=num_train,
+            num_eval=num_eval,
+            seed=1,
+            task_weights=LORA_DEMO_TASKS,
+            max_aspect=DEMO_MAX_ASPECT,
+            name="background",
+        )
+    metas = {
+        new / "meta_train_replay.json": {
+            "background_train": (new, "train", 1.0),
+            "shapes_replay": (old, "train", 0.1),
         }
-        subprocess.run(cmd, check=True, env=env)
+    }
+    if cfg.eval_data is not None:
+        metas[Path(cfg.eval_data.meta_path)] = {
+            "background_eval": (new, "eval", 1.0),
+            "shapes_eval": (old, "eval", 1.0),
+        }
+    for meta, datasets in metas.items():
+        if not meta.exists():
+            write_multi_meta(meta, datasets)
+
+
+def write_multi_meta(meta: Path, datasets: dict[str, tuple[Path, str, float]]) -> None:
+    """A meta file over splits of datasets in other folders: name -> (folder, "train" | "eval", repeat_time).
+
+    Paths are written relative to the meta file, so the folders can move together; training splits
+    keep their augmentation.
+    """
+    entries = {}
+    for name, (folder, split, repeat) in datasets.items():
+        rel = Path(os.path.relpath(folder, meta.parent))
+        entries[name] = {
+            "root": str(rel),
+            "annotation": str(rel / f"{split}.jsonl"),
+            "repeat_time": repeat,
+            "data_augment": split == "train",
+        }
+    meta.write_text(json.dumps(entries, indent=2) + "\n")

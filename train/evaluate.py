@@ -3,6 +3,8 @@
 Blank images (every tile set to the normalised mean colour) must bring a model that really reads
 the pixels down to the majority-answer baseline; the gap between the two is the evidence that the
 vision path is wired end to end. `vlmtune eval --model DIR --meta META` runs it on an exported model.
+A meta file with several datasets also gets the scores of each (``per_dataset``): one eval set can
+measure a new domain and the forgetting of an old one in the same pass (the LoRA demo does).
 """
 
 from __future__ import annotations
@@ -123,12 +125,18 @@ def evaluate_accuracy(
         blank = generate_answers(
             model, tokenizer, batch, prompts, blank=True, max_new_tokens=max_new_tokens, synced=synced
         )
-        for (_, answer, question), pred, pred_blank in list(zip(parts, preds, blank))[:real]:
+        for s, (_, answer, question), pred, pred_blank in list(zip(batch, parts, preds, blank))[:real]:
             ok = normalise_answer(pred) == normalise_answer(answer)
             ok_blank = normalise_answer(pred_blank) == normalise_answer(answer)
             counts += torch.tensor([ok, ok_blank, 1.0], dtype=torch.float64)
             records.append(
-                {"question": question, "answer": answer, "prediction": pred, "blank_prediction": pred_blank}
+                {
+                    "dataset": s["dataset"],
+                    "question": question,
+                    "answer": answer,
+                    "prediction": pred,
+                    "blank_prediction": pred_blank,
+                }
             )
     if was_training:
         model.train()
@@ -138,12 +146,34 @@ def evaluate_accuracy(
         dist.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
     total = max(1.0, counts[2].item())
-    return {
+    results: dict[str, Any] = {
         "accuracy": counts[0].item() / total,
         "blank_image_accuracy": counts[1].item() / total,
         "majority_baseline": majority_baseline(records),
         "num_samples": int(counts[2].item()),
-        "examples": records[:10],
+    }
+    if len(specs) > 1:
+        results["per_dataset"] = per_dataset_scores(records)
+    return {**results, "examples": records[:10]}
+
+
+def per_dataset_scores(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Accuracy, blank-image accuracy, majority baseline and sample count of each dataset's records."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["dataset"]].append(r)
+
+    def hits(rs: list[dict], key: str) -> int:
+        return sum(normalise_answer(r[key]) == normalise_answer(r["answer"]) for r in rs)
+
+    return {
+        name: {
+            "accuracy": hits(rs, "prediction") / len(rs),
+            "blank_image_accuracy": hits(rs, "blank_prediction") / len(rs),
+            "majority_baseline": majority_baseline(rs),
+            "num_samples": len(rs),
+        }
+        for name, rs in sorted(groups.items())
     }
 
 
@@ -166,18 +196,22 @@ def majority_baseline(records: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """`vlmtune eval --model DIR --meta META [--out eval.json]` on an exported HF directory."""
-    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from data.dataset import DataConfig
+    from train.export import load_trained
     from train.models import num_image_tokens_per_tile
 
     parser = argparse.ArgumentParser(prog="vlmtune eval", description=__doc__)
-    parser.add_argument("--model", required=True, help="HF-format model directory (e.g. OUTPUT_DIR/hf)")
+    parser.add_argument(
+        "--model", required=True, help="HF-format model or LoRA adapter directory (OUTPUT_DIR/hf or /adapter)"
+    )
+    parser.add_argument("--base", default=None, help="base model of an adapter (default: its adapter_config)")
     parser.add_argument("--meta", required=True, help="InternVL meta JSON of the held-out split")
     parser.add_argument("--out", default=None, help="where to write eval.json (default: print only)")
     parser.add_argument("--max-samples", type=int, default=None)
     args = parser.parse_args(argv)
-    model = InternVLForConditionalGeneration.from_pretrained(args.model)
+    model = load_trained(args.model, args.base)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     size = model.config.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size

@@ -1,8 +1,9 @@
-"""The final HF-format directory: weights gathered from ZeRO-3 shards, config, tokenizer, processor files.
+"""The final output: an HF-format model directory (full fine-tunes) or a peft adapter directory (LoRA).
 
-`InternVLForConditionalGeneration.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)`
-load it with no vlmtune installed; ``vlmtune.json`` records the data settings training used
-(system prompt, tiling) so that `vlmtune eval` prompts the model the way it was trained.
+`InternVLForConditionalGeneration.from_pretrained(dir)` (or `PeftModel.from_pretrained(base, dir)`)
+and `AutoProcessor.from_pretrained(dir)` load it with no vlmtune installed; ``vlmtune.json`` records
+the data settings training used (system prompt, tiling) so that `vlmtune eval` prompts the model the
+way it was trained.
 """
 
 from __future__ import annotations
@@ -39,12 +40,54 @@ def export_hf(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        if source_dir is not None:  # carry the processor so AutoProcessor works on the export
-            for name in PROCESSOR_FILES:
-                if (Path(source_dir) / name).exists():
-                    shutil.copy(Path(source_dir) / name, out / name)
-        (out / "vlmtune.json").write_text(json.dumps(extra or {}, indent=2, default=str))
+        write_companions(out, tokenizer, source_dir, extra)
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
+
+
+def export_adapter(
+    engine: Any, tokenizer: Any, out: Path, *, source_dir: str | None = None, extra: dict | None = None
+) -> Path | None:
+    """Write the peft adapter directory (adapters + fully trained parts) to ``out``; every rank calls it."""
+    from train.lora import peft_model_of, trainable_state_dict
+
+    out = Path(out)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = trainable_state_dict(engine)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        peft_model_of(engine).save_pretrained(out, state_dict=state, safe_serialization=True)
+        write_companions(out, tokenizer, source_dir, extra)
+    if dist.is_initialized():
+        dist.barrier()
+    return out if rank == 0 else None
+
+
+def write_companions(out: Path, tokenizer: Any, source_dir: str | None, extra: dict | None) -> None:
+    """Tokenizer, the processor files (so AutoProcessor works on the output) and vlmtune.json."""
+    tokenizer.save_pretrained(out)
+    if source_dir is not None:
+        for name in PROCESSOR_FILES:
+            if (Path(source_dir) / name).exists():
+                shutil.copy(Path(source_dir) / name, out / name)
+    (out / "vlmtune.json").write_text(json.dumps(extra or {}, indent=2, default=str))
+
+
+def load_trained(path: str | Path, base: str | None = None) -> Any:
+    """An exported model for inference: an HF directory, or a peft adapter directory over its base
+    (``base`` or the adapter config's ``base_model_name_or_path``)."""
+    from transformers import InternVLForConditionalGeneration
+
+    from train.models import load_internvl_config
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        return InternVLForConditionalGeneration.from_pretrained(path, config=load_internvl_config(str(path)))
+    from peft import PeftConfig, PeftModel
+
+    base = base or PeftConfig.from_pretrained(path).base_model_name_or_path
+    if not base or not Path(base).exists():
+        raise ValueError(f"{path}: base model {base!r} not found; pass the base model directory")
+    model = InternVLForConditionalGeneration.from_pretrained(base, config=load_internvl_config(base))
+    return PeftModel.from_pretrained(model, path)

@@ -4,7 +4,10 @@ The language-model head runs only on positions that carry a target (``logits_to_
 index tensor): with a 151k vocabulary and long image prompts, full logits would dominate memory.
 A batch without images still runs the vision tower on one blank tile, contributing exactly zero,
 so that under ZeRO-3 every rank gathers the same parameters in the same order (otherwise ranks
-whose batch is text-only hang, or with gloo abort on mismatched collectives).
+whose batch is text-only hang, or with gloo abort on mismatched collectives). The zero enters at
+the input embeddings, where real image features enter, so that the backward pass also reaches the
+vision tower last on every rank: ZeRO-3 gathers partitions again in the backward pass, in the
+order autograd visits the modules.
 """
 
 from __future__ import annotations
@@ -92,7 +95,16 @@ def forward_logits(
         if batch.get("feature_index") is not None:  # the same images feed several sequences
             encoded = BaseModelOutputWithPooling(pooler_output=encoded.pooler_output[batch["feature_index"]])
         kwargs["mm_encoder_outputs"] = {"image": encoded}
-    logits = model(**kwargs).logits
-    if not real:
-        logits = logits + (encoded.pooler_output.sum() * 0.0).to(logits.dtype)
-    return logits
+        return model(**kwargs).logits
+    # The zero is added by a hook on the embedding layer, inside the model's forward as on other
+    # ranks: calling the layer ourselves would gather its ZeRO-3 partition out of turn.
+    zero = encoded.pooler_output.sum() * 0.0
+    hook = (
+        unwrap(model)
+        .get_input_embeddings()
+        .register_forward_hook(lambda module, args, out: out + zero.to(out.dtype))
+    )
+    try:
+        return model(**kwargs).logits
+    finally:
+        hook.remove()

@@ -78,14 +78,16 @@ class ModelConfig:
 
 def resolve_attn_implementation(name: str) -> str:
     """Pick the attention kernel; "auto" prefers FlashAttention-2 (varlen: packs cost what their
-    samples cost), else ``packed_sdpa`` (train/attention.py: sdpa per packed sample)."""
+    samples cost), then torch's own varlen flash kernel on a GPU (``packed_varlen``,
+    train/attention_varlen.py), else ``packed_sdpa`` (train/attention.py: sdpa per packed sample)."""
     import train.attention  # noqa: F401  (registers packed_sdpa with transformers)
+    from train.attention_varlen import varlen_available  # (registers packed_varlen)
 
     if name != "auto":
         return name
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "packed_sdpa"
+    return "packed_varlen" if varlen_available() else "packed_sdpa"
 
 
 def resolve_dtype(name: str, *, loading: bool) -> torch.dtype | str:
@@ -189,12 +191,14 @@ def _check_image_token(where: str, image_token_id: int, tokenizer: Any) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any = None) -> InternVLForConditionalGeneration:
-    """Load `cfg.pretrained` (never remote code) or initialise from the shapes; then freezing and checkpointing.
+def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> torch.nn.Module:
+    """Load `cfg.pretrained` (never remote code) or initialise from the shapes; then freezing, checkpointing
+    and, when ``lora`` (train/lora.py's LoRAConfig) enables a part, the peft adapters.
 
     Random init draws from torch's global RNG: seed it first for reproducible weights.
     """
     attn = resolve_attn_implementation(cfg.attn_implementation)
+    quantize = lora is not None and lora.enabled and lora.quantize == "4bit"
     if cfg.pretrained is not None:
         dtype = resolve_dtype(cfg.dtype, loading=True)
         model = InternVLForConditionalGeneration.from_pretrained(
@@ -203,6 +207,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None) -> InternVLForCondition
             dtype=dtype,
             attn_implementation=attn,
             trust_remote_code=False,
+            **({"quantization_config": _qlora_quantization()} if quantize else {}),
         )
         if tokenizer is not None:
             _check_image_token(cfg.pretrained, model.config.image_token_id, tokenizer)
@@ -215,10 +220,33 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None) -> InternVLForCondition
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     apply_freezing(model, cfg)
+    if lora is not None and lora.enabled:
+        from train.lora import apply_lora
+
+        if quantize:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing
+            )
+        model = apply_lora(model, lora, cfg)
     return model
 
 
-def build_model_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> InternVLForConditionalGeneration:
+def _qlora_quantization() -> Any:
+    """QLoRA's base weights: NF4 with double quantisation, bf16 compute; the vision tower stays unquantised."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
+
+
+def build_model_on_meta(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> torch.nn.Module:
     """The model's structure without memory for weights: parameter counts and memory plans for any size."""
     if cfg.pretrained is not None:
         config = load_internvl_config(cfg.pretrained)
@@ -226,12 +254,20 @@ def build_model_on_meta(cfg: ModelConfig, tokenizer: Any = None) -> InternVLForC
         config = build_internvl_config(cfg, tokenizer, require_image_token=False)
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(config)
-    apply_freezing(model, cfg)
+        apply_freezing(model, cfg)
+        if lora is not None and lora.enabled:
+            from train.lora import apply_lora
+
+            model = apply_lora(model, lora, cfg)
     return model
 
 
+PEFT_PREFIX = "base_model.model."
+
+
 def part_of(param_name: str) -> str:
-    """Which of "vision", "projector", "llm" a parameter belongs to (by its module path)."""
+    """Which of "vision", "projector", "llm" a parameter belongs to (by its module path, peft's included)."""
+    param_name = param_name.removeprefix(PEFT_PREFIX)
     if param_name.startswith(VISION_PREFIX):
         return "vision"
     if param_name.startswith(PROJECTOR_PREFIX):
@@ -249,11 +285,17 @@ def apply_freezing(model: torch.nn.Module, cfg: ModelConfig) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts per part plus total and trainable; a tied lm_head is counted once (with the LLM)."""
-    counts = {"vision": 0, "projector": 0, "llm": 0, "total": 0, "trainable": 0}
+    """Parameter counts per part of the base model, plus adapters, total and trainable.
+
+    A tied lm_head is counted once (with the LLM). Under peft, "vision"/"projector"/"llm" count the base
+    weights; "adapter" counts the LoRA/DoRA weights and the trained copies of full parts
+    (`modules_to_save`); "total" is everything held.
+    """
+    counts = {"vision": 0, "projector": 0, "llm": 0, "adapter": 0, "total": 0, "trainable": 0}
     for name, param in model.named_parameters():  # yields each shared tensor once
         n = param.numel()
-        counts[part_of(name)] += n
+        is_adapter = ".lora_" in name or ".modules_to_save." in name
+        counts["adapter" if is_adapter else part_of(name)] += n
         counts["total"] += n
         if param.requires_grad:
             counts["trainable"] += n

@@ -62,14 +62,20 @@ class MPOMethod:
 
     def objective(self, cfg: Any, model: Any, ds_config: dict) -> Any:
         from train.objectives.mpo import MPOObjective
-        from train.reference import frozen_copy_reference
+        from train.reference import adapter_disabled_reference, frozen_copy_reference
 
         if cfg.reference not in ("copy", "precomputed"):
             raise ValueError(f"reference must be 'copy' or 'precomputed', got {cfg.reference!r}")
         needs = cfg.loss.preference_weight or cfg.loss.quality_weight
         # precomputed: the cache is filled by on_engine, before the first step
-        reference = frozen_copy_reference(model, ds_config) if needs and cfg.reference == "copy" else None
-        share = cfg.model.freeze_vision and cfg.model.freeze_projector
+        reference = None
+        if needs and cfg.reference == "copy":  # LoRA: the policy itself with its adapters off (no copy)
+            reference = (
+                adapter_disabled_reference(model)
+                if cfg.lora.enabled
+                else frozen_copy_reference(model, ds_config)
+            )
+        share = cfg.model.freeze_vision and cfg.model.freeze_projector and not cfg.lora.vision.enabled
         return MPOObjective(cfg.loss, reference, share_vision=share)
 
     def on_engine(

@@ -1,8 +1,10 @@
-"""The reference policy of preference training: a frozen copy of the starting model.
+"""The reference policy of preference training: the starting model's log-probs, three ways.
 
-Under ZeRO-3 the copy is sharded like the policy (its own DeepSpeed engine, no optimizer state),
-so it costs 1/world of the weights per rank. (The adapter-disabled reference for LoRA and the
-precomputed log-prob cache are the LoRA and later MPO work.)
+- ``frozen_copy_reference``: a frozen copy of the starting model. Under ZeRO-3 the copy is sharded
+  like the policy (its own DeepSpeed engine, no optimizer state): 1/world of the weights per rank.
+- ``adapter_disabled_reference``: LoRA's policy with its adapters (and fully trained parts) switched
+  off is exactly the starting model, so no copy is held at all.
+- ``precomputed``: log-probs computed once before training and cached on disk (``cached_reference``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ def frozen_copy_reference(model: torch.nn.Module, ds_config: dict) -> Callable[[
     @torch.no_grad()
     def logps(batch: dict, shared_images: Any) -> torch.Tensor:
         return response_logps(module, batch, shared_images)[0]
+
+    return logps
+
+
+def adapter_disabled_reference(peft_model: Any) -> Callable[[dict, Any], torch.Tensor]:
+    """The peft policy with adapters disabled, called under no_grad. ZeRO-3 gathers the module's
+    partitions through the hooks DeepSpeed puts on the modules, so calling it outside the engine works."""
+
+    @torch.no_grad()
+    def logps(batch: dict, shared_images: Any) -> torch.Tensor:
+        with peft_model.disable_adapter():
+            return response_logps(peft_model, batch, shared_images)[0]
 
     return logps
 

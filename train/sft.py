@@ -77,6 +77,9 @@ def check_config(cfg: SFTRunConfig) -> None:
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    from train.lora import check_lora_config
+
+    check_lora_config(cfg.lora, zero_stage=cfg.deepspeed.zero_stage)
 
 
 def load_tokenizer(cfg: SFTRunConfig):
@@ -159,7 +162,7 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model, tokenizer, cfg.lora)
     if resolve_precision(cfg.train.precision) == "bf16":
         model = model.to(torch.bfloat16)
     tokens_per_tile = num_image_tokens_per_tile(model.config)
@@ -170,7 +173,11 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
             raise ValueError(f"{name}.image_size={data_cfg.image_size} but the model's tiles are {tile} px")
     counts = count_parameters(model)
     if rank == 0:
-        log.info("parameters: %s", json.dumps(counts))
+        log.info(
+            "parameters: %s (trainable %.2f%%)",
+            json.dumps(counts),
+            100 * counts["trainable"] / counts["total"],
+        )
 
     specs = load_meta(cfg.data.meta_path)
     processor = method.processor(cfg, tokenizer, tokens_per_tile)
@@ -259,16 +266,19 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": report.to_dict()}
     if cfg.train.export:
         from data.dataset import sample_settings
-        from train.export import export_hf
+        from train.export import export_adapter, export_hf
 
-        export_hf(
+        export, target = (
+            (export_adapter, out_dir / "adapter") if cfg.lora.enabled else (export_hf, out_dir / "hf")
+        )
+        export(
             engine,
             tokenizer,
-            out_dir / "hf",
-            source_dir=cfg.model.pretrained,
+            target,
+            source_dir=cfg.model.tokenizer or cfg.model.pretrained,
             extra={"data": sample_settings(cfg.data)},
         )
-        summary["export"] = str(out_dir / "hf")
+        summary["export"] = str(target)
     if evaluate is not None:
         results = evaluate(step)
         if before is not None:

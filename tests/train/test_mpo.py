@@ -12,7 +12,7 @@ from tests.train.helpers import make_sample, tiny_model, tiny_tokenizer
 from train.objectives.mpo import MPOLossConfig, MPOObjective, response_logps
 
 
-def _pairs(model):
+def make_pairs(model):
     tok = tiny_tokenizer()
     end = tok.convert_tokens_to_ids("<|im_end|>")
     pairs = []
@@ -62,7 +62,7 @@ class _VisionCounter:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_layouts_equal_naive_logps_and_grads_with_one_vision_pass(layout, attn):
     model = tiny_model(attn_implementation=attn).eval()
-    pairs = _pairs(model)
+    pairs = make_pairs(model)
     counter = _VisionCounter(model)
     naive = _naive_logps(model, pairs)
     naive.sum().backward()
@@ -84,7 +84,7 @@ def test_layouts_equal_naive_logps_and_grads_with_one_vision_pass(layout, attn):
 
 def test_mpo_loss_by_hand_and_delta_from_past_steps():
     model = tiny_model().eval()
-    pairs = _pairs(model)
+    pairs = make_pairs(model)
     batch = collate_pairs(pairs, "tree", "token")
     ref = torch.tensor([[-20.0, -25.0], [-18.0, -12.0], [-9.0, -30.0]])
     cfg = MPOLossConfig(beta=0.1, preference_weight=0.8, quality_weight=0.2, generation_weight=1.0)
@@ -124,7 +124,7 @@ def test_mpo_loss_by_hand_and_delta_from_past_steps():
 
 def test_generation_only_needs_no_reference():
     model = tiny_model().eval()
-    batch = collate_pairs(_pairs(model), "tree", "square")
+    batch = collate_pairs(make_pairs(model), "tree", "square")
     objective = MPOObjective(
         MPOLossConfig(preference_weight=0.0, quality_weight=0.0, generation_reduction="square"), None, True
     )
@@ -136,7 +136,7 @@ def test_precomputed_reference_equals_live_reference(tmp_path):
     from train.reference import cache_key, cached_reference, frozen_copy_reference, precompute_reference
 
     model = tiny_model().eval()
-    pairs = _pairs(model)
+    pairs = make_pairs(model)
     for i, p in enumerate(pairs):
         p["source"] = f"pairs.jsonl:{i + 1}"
     live = frozen_copy_reference(model, {"zero_optimization": {"stage": 0}})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.e2e import base_overrides, run_sft
+from tests.train.e2e import ZERO3, base_overrides, run_sft
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,7 @@ def test_two_rank_zero3_mpo_run_logs_every_term(pair_data):
     root, meta, ckpt = pair_data
     out = root / "zero3"
     run_sft(
-        base_overrides(
-            ckpt, meta, out, **{"train.max_steps": 3, "deepspeed": "zero3", "train.save_every": 3}
-        ),
+        base_overrides(ckpt, meta, out, **{"train.max_steps": 3, "train.save_every": 3, **ZERO3}),
         nproc=2,
         timeout=900,
         module="train.mpo",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.e2e import REPO, base_overrides, run_sft, sft_command, sft_env
+from tests.train.e2e import REPO, ZERO3, base_overrides, run_sft, sft_command, sft_env
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +27,28 @@ def small_data(tmp_path_factory):
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "hf" / "model.safetensors"))
+    """The run's final output: the HF model, or the peft adapter file of a LoRA run."""
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else out / "hf" / "model.safetensors"))
+
+
+LORA = {"lora": "both", "model.freeze_vision": True}  # LLM + vision adapters, projector trained in full
 
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(small_data):
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_resume_after_sigkill_equals_uninterrupted_run(small_data, variant):
     root, meta, ckpt = small_data
     steps = 10
-    ref = root / "ref"
-    run_sft(base_overrides(ckpt, meta, ref, **{"train.max_steps": steps, "train.save_every": 2}))
+    extra = {"train.max_steps": steps, "train.save_every": 2, **(LORA if variant == "lora" else {})}
+    ref = root / f"ref_{variant}"
+    run_sft(base_overrides(ckpt, meta, ref, **extra))
 
-    killed = root / "killed"
-    cmd = sft_command(base_overrides(ckpt, meta, killed, **{"train.max_steps": steps, "train.save_every": 2}))
+    killed = root / f"killed_{variant}"
+    cmd = sft_command(base_overrides(ckpt, meta, killed, **extra))
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=sft_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -53,11 +60,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(small_data):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "hf").exists(), "the run finished before it could be killed; the test proved nothing"
+    assert not (killed / "hf").exists() and not (killed / "adapter").exists(), (
+        "the run finished before it could be killed; the test proved nothing"
+    )
     resumed_from = int(pointer.read_text().strip().split("_")[1])
     assert 4 <= resumed_from < steps
 
-    run_sft(base_overrides(ckpt, meta, killed, **{"train.max_steps": steps, "train.save_every": 2}))
+    run_sft(base_overrides(ckpt, meta, killed, **extra))
     a, b = _weights(ref), _weights(killed)
     assert a.keys() == b.keys()
     for name in a:
@@ -79,7 +88,8 @@ def _rank_split_dataset(root: Path, meta: Path, world: int = 2, n: int = 32) -> 
     texts = [r for r in records if "image" not in r and "video" not in r]
     out = root / "rank_split"
     out.mkdir(exist_ok=True)
-    (out / "images").symlink_to(meta.parent / "images")
+    if not (out / "images").exists():
+        (out / "images").symlink_to(meta.parent / "images")
     (out / "train.jsonl").write_text("{}\n" * n)
     new_meta = out / "meta.json"
     new_meta.write_text(json.dumps({"split": {"root": ".", "annotation": "train.jsonl"}}))
@@ -100,9 +110,7 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
     split_meta = _rank_split_dataset(root, meta)
     out = root / "zero3"
     proc = run_sft(
-        base_overrides(
-            ckpt, split_meta, out, **{"train.max_steps": 3, "deepspeed": "zero3", "train.save_every": 3}
-        ),
+        base_overrides(ckpt, split_meta, out, **{"train.max_steps": 3, "train.save_every": 3, **ZERO3}),
         nproc=2,
         timeout=900,
     )
@@ -122,6 +130,38 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
         torch.testing.assert_close(loaded[name], tensor.to(loaded[name].dtype), msg=name)
     initial = InternVLForConditionalGeneration.from_pretrained(ckpt).state_dict()
     assert any(not torch.equal(initial[n], loaded[n]) for n in reference)  # training changed the weights
+
+
+def test_two_rank_zero3_lora_exports_the_trained_adapters(small_data):
+    """LoRA under ZeRO-3 with a text-only rank: the adapter directory holds exactly the trained tensors
+    (as DeepSpeed reconstructs them from the shards) and loads over the base with peft."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from transformers import InternVLForConditionalGeneration
+
+    root, meta, ckpt = small_data
+    split_meta = _rank_split_dataset(root, meta)
+    out = root / "zero3_lora"
+    extra = {"train.max_steps": 3, "train.save_every": 3, **ZERO3, **LORA}
+    run_sft(base_overrides(ckpt, split_meta, out, **extra), nproc=2, timeout=900)
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    saved = _weights(out)
+    reference = get_fp32_state_dict_from_zero_checkpoint(
+        str(out / "checkpoints"), tag="step_00000003", exclude_frozen_parameters=True
+    )
+
+    def peft_name(name: str) -> str:  # peft's file drops the adapter name and the copy's wrapper
+        return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+    assert {peft_name(k) for k in reference} == set(saved)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(saved[peft_name(name)], tensor, msg=name)
+    assert any(".lora_" in k and "vision_tower" in k for k in saved)
+    assert any("multi_modal_projector" in k for k in saved)
+    base = InternVLForConditionalGeneration.from_pretrained(ckpt)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # B starts at 0: training moved it
 
 
 @pytest.mark.parametrize("reduction, zero_stage", [("square", 0), ("sample", 2)])

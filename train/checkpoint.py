@@ -59,6 +59,12 @@ def save_checkpoint(
     rank = dist.get_rank()
     (ckpt_root / tag).mkdir(parents=True, exist_ok=True)
     torch.save({**per_rank, "rng": rng_state()}, ckpt_root / tag / f"vlmtune_rank{rank:05d}.pt")
+    if _adapters_only(engine):  # each checkpoint is also a standard peft adapter directory
+        from train.lora import peft_model_of, trainable_state_dict
+
+        state = trainable_state_dict(engine)
+        if rank == 0:
+            peft_model_of(engine).save_pretrained(ckpt_root / tag / "adapter", state_dict=state)
     engine.save_checkpoint(
         str(ckpt_root),
         tag=tag,

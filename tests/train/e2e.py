@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 # ZeRO-3 with every parameter partitioned, as at real sizes: the tiny model's parameters would all
 # fall under the default persistence threshold and never be gathered, hiding gather-order mismatches
 ZERO3 = {"deepspeed": "zero3", "deepspeed.stage3_param_persistence_threshold": 0}
+LORA = {"lora": "both", "model.freeze_vision": True}  # LLM + vision adapters, projector trained in full
 
 
 def free_port() -> int:

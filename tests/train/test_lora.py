@@ -191,3 +191,24 @@ def test_lora_config_refusals():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             check_lora_config(LoRAConfig(quantize="4bit", llm=lora_config("llm").llm), zero_stage=0)
+
+
+def test_lora_with_gradient_checkpointing_gives_the_same_gradients():
+    """Frozen embeddings + checkpointed blocks: the adapters still get (the same) gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        model = lora_model(
+            ("llm",), freeze_vision=True, freeze_projector=True, gradient_checkpointing=checkpointing
+        )
+        model.train()
+        objective = SFTObjective("token")
+        batch = batch_for(model, 3)
+        loss, _ = objective(model, batch, objective.weight_totals(batch))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(
+        g.abs().max() > 0 for n, g in grads[1].items() if "lora_B" in n
+    )  # B starts at 0: A gets none yet

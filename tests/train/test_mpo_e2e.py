@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.e2e import ZERO3, base_overrides, run_sft
+from tests.train.e2e import LORA, ZERO3, base_overrides, run_sft
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,14 @@ MPO_KEYS = {
 }
 
 
-def test_two_rank_zero3_mpo_run_logs_every_term(pair_data):
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_two_rank_zero3_mpo_run_logs_every_term(pair_data, variant):
+    """Full fine-tune (frozen-copy reference, sharded) and LoRA (the policy with adapters off)."""
     root, meta, ckpt = pair_data
-    out = root / "zero3"
+    out = root / f"zero3_{variant}"
+    extra = {"train.max_steps": 3, "train.save_every": 3, **ZERO3, **(LORA if variant == "lora" else {})}
     run_sft(
-        base_overrides(ckpt, meta, out, **{"train.max_steps": 3, "train.save_every": 3, **ZERO3}),
+        base_overrides(ckpt, meta, out, **extra),
         nproc=2,
         timeout=900,
         module="train.mpo",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.e2e import REPO, ZERO3, base_overrides, run_sft, sft_command, sft_env
+from tests.train.e2e import LORA, REPO, ZERO3, base_overrides, run_sft, sft_command, sft_env
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,6 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     """The run's final output: the HF model, or the peft adapter file of a LoRA run."""
     adapter = out / "adapter" / "adapter_model.safetensors"
     return load_file(str(adapter if adapter.exists() else out / "hf" / "model.safetensors"))
-
-
-LORA = {"lora": "both", "model.freeze_vision": True}  # LLM + vision adapters, projector trained in full
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -158,6 +155,12 @@ def test_two_rank_zero3_lora_exports_the_trained_adapters(small_data):
         torch.testing.assert_close(saved[peft_name(name)], tensor, msg=name)
     assert any(".lora_" in k and "vision_tower" in k for k in saved)
     assert any("multi_modal_projector" in k for k in saved)
+    # the checkpoint is a peft adapter directory too, with the same tensors as the final output
+    in_checkpoint = load_file(
+        str(out / "checkpoints" / "step_00000003" / "adapter" / "adapter_model.safetensors")
+    )
+    assert in_checkpoint.keys() == saved.keys()
+    assert all(torch.equal(in_checkpoint[k], saved[k]) for k in saved)
     base = InternVLForConditionalGeneration.from_pretrained(ckpt)
     model = PeftModel.from_pretrained(base, out / "adapter")
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]

@@ -242,7 +242,7 @@ def _qlora_quantization() -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
     )
 
 
@@ -280,8 +280,8 @@ def part_of(param_name: str) -> str:
 def apply_freezing(model: torch.nn.Module, cfg: ModelConfig) -> None:
     """Set `requires_grad` per part from the `freeze_*` flags (unfrozen parts are made trainable again)."""
     frozen = {"vision": cfg.freeze_vision, "projector": cfg.freeze_projector, "llm": cfg.freeze_llm}
-    for name, param in model.named_parameters():
-        param.requires_grad_(not frozen[part_of(name)])
+    for name, param in model.named_parameters():  # (quantised QLoRA weights are integers: never trained)
+        param.requires_grad_(not frozen[part_of(name)] and param.is_floating_point())
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

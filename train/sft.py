@@ -163,8 +163,8 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg.model, tokenizer, cfg.lora)
-    if resolve_precision(cfg.train.precision) == "bf16":
-        model = model.to(torch.bfloat16)
+    if resolve_precision(cfg.train.precision) == "bf16" and cfg.lora.quantize is None:
+        model = model.to(torch.bfloat16)  # (QLoRA: 4-bit weights can't be cast; set model.dtype=bfloat16)
     tokens_per_tile = num_image_tokens_per_tile(model.config)
     tile = model.config.vision_config.image_size
     tile = tile[0] if isinstance(tile, (list, tuple)) else tile

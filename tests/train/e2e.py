@@ -30,7 +30,7 @@ def sft_env() -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         WANDB_MODE="disabled",
         HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

@@ -66,7 +66,8 @@ def prepare_mpo_demo(cfg: Any, sft_steps: int = 50, num_pairs: int = 3000) -> No
     colours ~88%, shapes ~35%, chance 1/3), so there is room to improve. The pairs answer in one word
     like the eval questions (``reasoning_share=0``): reasoning chains the weak model never saw give
     the reference log-probs of ~-30 nats, rewards and BCO's reward shift then run away, and the
-    policy starts answering single-word questions with half a chain (measured: 0.82 vs 0.91 after).
+    policy starts answering single-word questions with half a chain (after 250 MPO steps: 0.815
+    with 30% chains vs 0.91 without).
 
     Paths follow the config: pairs beside ``data.meta_path``, the SFT demo data in the same folder,
     the tiny initial checkpoint in ``<that folder>/../tiny_init``, the weak model at ``model.pretrained``.

@@ -27,6 +27,21 @@ def sample_bounds(position_ids: torch.Tensor) -> list[int]:
     return [0, *restarts.tolist(), int(position_ids.numel())]
 
 
+def is_packed_call(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> bool:
+    """One packed row with no padding mask and no cache: the samples can be read off the position ids."""
+    return (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+    )
+
+
 def packed_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -38,13 +53,7 @@ def packed_sdpa_attention(
     position_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    packed = (
-        attention_mask is None
-        and position_ids is not None
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2]
-    )
-    if not packed:
+    if not is_packed_call(query, key, attention_mask, position_ids):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface
 
-from train.attention import packed_sdpa_attention, packed_sdpa_mask
+from train.attention import is_packed_call, packed_sdpa_attention, packed_sdpa_mask
 
 PACKED_VARLEN = "packed_varlen"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -95,10 +95,7 @@ def packed_varlen_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     usable = (
-        attention_mask is None
-        and position_ids is not None
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2]
+        is_packed_call(query, key, attention_mask, position_ids)
         and getattr(module, "is_causal", True)
         and dropout == 0.0
         and query.is_cuda

@@ -194,11 +194,25 @@ def majority_baseline(records: list[dict]) -> float:
     return hits / max(1, len(records))
 
 
+def trained_data_config(model_dir: str | Path, config: Any, meta: str) -> Any:
+    """A DataConfig for ``meta`` with the settings the model was trained with (its vlmtune.json:
+    system prompt, tiling), so that it is prompted the way it learned."""
+    from data.dataset import DataConfig
+
+    size = config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    settings_file = Path(model_dir) / "vlmtune.json"
+    settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
+    settings = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+    }  # JSON lists -> tuples
+    return DataConfig(**{"image_size": size, **settings, "meta_path": meta})
+
+
 def main(argv: list[str] | None = None) -> int:
     """`vlmtune eval --model DIR --meta META [--out eval.json]` on an exported HF directory."""
     from transformers import AutoTokenizer
 
-    from data.dataset import DataConfig
     from train.export import load_trained
     from train.models import num_image_tokens_per_tile
 
@@ -213,14 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = load_trained(args.model, args.base)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    size = model.config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    settings_file = Path(args.model) / "vlmtune.json"
-    settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
-    settings = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
-    }  # JSON lists back to tuples
-    data_cfg = DataConfig(**{"image_size": size, **settings, "meta_path": args.meta})
+    data_cfg = trained_data_config(args.model, model.config, args.meta)
     results = evaluate_accuracy(
         model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples
     )

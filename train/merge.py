@@ -50,16 +50,15 @@ def check_inputs(model: Any, tokenizer: Any, num: int = 4, seed: int = 0) -> lis
     return inputs
 
 
-def meta_inputs(model: Any, tokenizer: Any, meta: str, num: int, data_settings: dict) -> list[dict]:
+def meta_inputs(model: Any, tokenizer: Any, adapter_dir: Path, meta: str, num: int) -> list[dict]:
     """The first ``num`` usable samples of a meta file, processed the way training did."""
-    from data.dataset import DataConfig, SampleProcessor, iter_samples
+    from data.dataset import SampleProcessor, iter_samples
     from data.meta import load_meta
     from data.report import SkipReport
+    from train.evaluate import trained_data_config
     from train.models import num_image_tokens_per_tile
 
-    size = model.config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    data_cfg = DataConfig(**{"image_size": size, **data_settings, "meta_path": meta})
+    data_cfg = trained_data_config(adapter_dir, model.config, meta)
     processor = SampleProcessor(data_cfg, tokenizer, num_image_tokens_per_tile(model.config))
     specs = load_meta(meta)
     index = [(d, line) for d, spec in enumerate(specs) for line in range(spec.num_records)][:num]
@@ -107,9 +106,8 @@ def merge_lora(
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     settings_file = adapter_dir / "vlmtune.json"
     settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
-    data_settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.get("data", {}).items()}
     inputs = (
-        meta_inputs(model, tokenizer, meta, num_checks, data_settings)
+        meta_inputs(model, tokenizer, adapter_dir, meta, num_checks)
         if meta
         else check_inputs(model, tokenizer, num_checks)
     )

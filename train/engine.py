@@ -6,6 +6,8 @@ import atexit
 import datetime
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -114,6 +116,30 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig,
             },
         }
     return _deep_merge(config, dict(ds.extra))
+
+
+@contextmanager
+def partitioned_construction(ds_config: dict) -> Iterator[bool]:
+    """Under ZeRO-3, build (and load) the model already partitioned; yields whether it does.
+
+    transformers creates each parameter inside ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig``
+    is alive: a rank never holds more than its 1/world share of the weights, and only global rank 0
+    reads the checkpoint's values. Without it every rank of a node would first build the whole
+    model in CPU memory (38B in bf16: 76 GB per rank) before DeepSpeed partitions it. The config
+    stays alive for the whole run, as transformers' Trainer keeps it, so that transformers code
+    asking "is ZeRO-3 on?" (generation's rank sync, embedding resizes) answers right.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield False
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield True
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -293,7 +293,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """
     counts = {"vision": 0, "projector": 0, "llm": 0, "adapter": 0, "total": 0, "trainable": 0}
     for name, param in model.named_parameters():  # yields each shared tensor once
-        n = param.numel()
+        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitioned: the full size, not this rank's
         is_adapter = ".lora_" in name or ".modules_to_save." in name
         counts["adapter" if is_adapter else part_of(name)] += n
         counts["total"] += n

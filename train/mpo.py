@@ -60,7 +60,8 @@ class MPOMethod:
         layout, reduction = self._layout(cfg), cfg.loss.generation_reduction
         return lambda pairs: collate_pairs(pairs, layout, reduction)
 
-    def objective(self, cfg: Any, model: Any, ds_config: dict) -> Any:
+    def objective(self, cfg: Any, model: Any, ds_config: dict, rebuild: Any = None) -> Any:
+        """``rebuild()`` builds the starting model again: the frozen reference under ZeRO-3."""
         from train.objectives.mpo import MPOObjective
         from train.reference import adapter_disabled_reference, frozen_copy_reference
 
@@ -73,7 +74,7 @@ class MPOMethod:
             reference = (
                 adapter_disabled_reference(model)
                 if cfg.lora.enabled
-                else frozen_copy_reference(model, ds_config)
+                else frozen_copy_reference(model, ds_config, rebuild)
             )
         share = cfg.model.freeze_vision and cfg.model.freeze_projector and not cfg.lora.vision.enabled
         return MPOObjective(cfg.loss, reference, share_vision=share)

@@ -123,8 +123,8 @@ def model_state_bytes(
     gradients: they stream to CPU); offloading parameters moves the weights.
 
     CPU per node is DeepSpeed's formula: the larger of the offloaded states and the transient of every
-    process loading the model in fp32 (``zero_init=False``: vlmtune's ``build_model`` loads on each
-    rank and DeepSpeed partitions afterwards; with ``deepspeed.zero.Init`` only a layer is loaded), times
+    process loading the model in fp32 (``zero_init=False``, ZeRO-0/1/2: each rank loads the whole
+    model; ZeRO-3 builds it inside ``deepspeed.zero.Init``, train/engine.py: only a layer), times
     ``buffer_factor``. Its ZeRO-1/2 offload term is kept as DeepSpeed writes it (the whole optimizer
     state per node and 4 bytes x all GPUs), so the numbers agree with its estimator.
     """
@@ -582,8 +582,9 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
     notes = [
         f"activations are an estimate (Korthikanti et al. 2022, adapted: train/plan.py); fit = total <= "
         f"{FIT_MARGIN:.0%} of GPU memory (the rest: CUDA context, NCCL/DeepSpeed buffers, fragmentation)",
-        "CPU per node uses DeepSpeed's zero_init=False rule: vlmtune loads the model on every rank "
-        "before DeepSpeed partitions it",
+        "CPU per node follows DeepSpeed's rules: ZeRO-3 builds the model partitioned (zero.Init, "
+        "zero_init=True), though global rank 0 also holds the checkpoint's tensors once while loading; "
+        "ZeRO-0/1/2 load the whole model on every rank (zero_init=False)",
     ]
     if cfg.lora.enabled and cfg.lora.quantize:
         notes.append("lora.quantize=4bit is not modelled: base weights are counted at 16 bits")
@@ -605,7 +606,7 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
     ref_forward = reference.startswith(("copy", "adapter"))
 
     def states(lay: Layout) -> dict[str, dict[str, float]]:
-        out = model_state_bytes(pc, lay, bpp)
+        out = model_state_bytes(pc, lay, bpp, zero_init=lay.zero_stage == 3)  # train/engine.py
         gpu_ref = cpu_ref = 0.0
         if ref_copy:  # train/reference.py: same ZeRO-3 partitioning (and param offload), no optimizer
             if lay.offload_param:
@@ -643,7 +644,7 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
         changes, best = found
         suggestion = {"overrides": changes, "layout": asdict(best), "per_gpu_bytes": gpu_total(best)}
     model_states = states(layout)
-    model_states["estimator"] = deepspeed_estimate(pc, layout) or {
+    model_states["estimator"] = deepspeed_estimate(pc, layout, zero_init=layout.zero_stage == 3) or {
         "function": None,
         "note": f"DeepSpeed has no estimator for ZeRO-{layout.zero_stage}; the same per-byte rules apply",
     }

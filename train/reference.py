@@ -18,13 +18,24 @@ import torch
 from train.objectives.mpo import response_logps
 
 
-def frozen_copy_reference(model: torch.nn.Module, ds_config: dict) -> Callable[[dict, Any], torch.Tensor]:
-    """Copy ``model`` now (before the policy trains) and return ``(batch, shared_images) -> logps [B, 2]``."""
-    reference = copy.deepcopy(model).eval()
+def frozen_copy_reference(
+    model: torch.nn.Module,
+    ds_config: dict,
+    rebuild: Callable[[], torch.nn.Module] | None = None,
+) -> Callable[[dict, Any], torch.Tensor]:
+    """Copy ``model`` now (before the policy trains) and return ``(batch, shared_images) -> logps [B, 2]``.
+
+    Under ZeRO-3 the policy was built partitioned (zero.Init), which a deep copy cannot reproduce:
+    ``rebuild()`` builds the starting model again, partitioned the same way.
+    """
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    if zero3 and rebuild is None:
+        raise ValueError("a ZeRO-3 frozen reference needs rebuild(): a partitioned model cannot be copied")
+    reference = (rebuild() if zero3 else copy.deepcopy(model)).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     module: Any = reference
-    if ds_config["zero_optimization"]["stage"] == 3:
+    if zero3:
         import deepspeed
 
         config = {

@@ -112,7 +112,7 @@ class SFTMethod:
 
         prepare_demo(cfg)
 
-    def objective(self, cfg: Any, model: Any, ds_config: dict) -> Any:
+    def objective(self, cfg: Any, model: Any, ds_config: dict, rebuild: Any = None) -> Any:
         from train.objectives.sft import SFTObjective
 
         return SFTObjective(cfg.train.loss_reduction)
@@ -128,25 +128,30 @@ def run_training(cfg: Any, method: Any) -> dict[str, Any]:
     The engines live only inside ``_train``: they are released before the process group is torn
     down, which gloo needs to exit cleanly.
     """
-    from train.engine import init_distributed, shutdown_distributed
+    from train.engine import (
+        build_ds_config,
+        init_distributed,
+        partitioned_construction,
+        shutdown_distributed,
+    )
 
     check_config(cfg)
     rank, world = init_distributed()
-    summary = _train(cfg, method, rank, world)
+    ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, world)
+    with partitioned_construction(ds_config) as partitioned:
+        summary = _train(cfg, method, rank, world, ds_config, partitioned)
     shutdown_distributed()
     return summary
 
 
-def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
+def _train(
+    cfg: Any, method: Any, rank: int, world: int, ds_config: dict, partitioned: bool
+) -> dict[str, Any]:
     from data.meta import load_meta
     from data.report import SkipReport
     from data.stream import MicroBatchStream
     from train.checkpoint import latest_complete, load_checkpoint
-    from train.engine import (
-        build_ds_config,
-        create_engine,
-        resolve_precision,
-    )
+    from train.engine import create_engine, resolve_precision
     from train.loop import train_loop
     from train.metrics import MetricsLogger
     from train.models import build_model, count_parameters, num_image_tokens_per_tile
@@ -159,12 +164,18 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg.model, tokenizer, cfg.lora)
-    if resolve_precision(cfg.train.precision) == "bf16" and cfg.lora.quantize is None:
-        model = model.to(torch.bfloat16)  # (QLoRA: 4-bit weights can't be cast; set model.dtype=bfloat16)
+
+    def build_starting_model(lora: Any) -> torch.nn.Module:
+        """The starting weights, the same on every call (random init is seeded): the policy, and under
+        ZeRO-3 the reference copy too (a partitioned model cannot be deep-copied)."""
+        torch.manual_seed(cfg.train.seed)
+        built = build_model(cfg.model, tokenizer, lora)
+        if resolve_precision(cfg.train.precision) == "bf16" and cfg.lora.quantize is None and not partitioned:
+            built = built.to(torch.bfloat16)  # (zero.Init casts itself; QLoRA's 4-bit weights can't be cast)
+        return built
+
+    model = build_starting_model(cfg.lora)
     tokens_per_tile = num_image_tokens_per_tile(model.config)
     tile = model.config.vision_config.image_size
     tile = tile[0] if isinstance(tile, (list, tuple)) else tile
@@ -174,9 +185,10 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
     counts = count_parameters(model)
     if rank == 0:
         log.info(
-            "parameters: %s (trainable %.2f%%)",
+            "parameters: %s (trainable %.2f%%)%s",
             json.dumps(counts),
             100 * counts["trainable"] / counts["total"],
+            f"; built partitioned over {world} ranks (ZeRO-3 zero.Init)" if partitioned else "",
         )
 
     specs = load_meta(cfg.data.meta_path)
@@ -201,8 +213,7 @@ def _train(cfg: Any, method: Any, rank: int, world: int) -> dict[str, Any]:
         num_workers=cfg.train.num_workers,
     )
     collate = method.collate(cfg, tokenizer, model)
-    ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, world)
-    objective = method.objective(cfg, model, ds_config)
+    objective = method.objective(cfg, model, ds_config, rebuild=lambda: build_starting_model(None))
     engine, _, _ = create_engine(model, ds_config, cfg.optim, cfg.train.max_steps)
 
     if hasattr(method, "on_engine"):

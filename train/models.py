@@ -75,6 +75,10 @@ class ModelConfig:
     dtype: str = "auto"
     """"float32", "bfloat16", "float16" or "auto" (the checkpoint's dtype when loading, float32 for random init)."""
 
+    liger_kernels: bool = False
+    """Liger's fused Triton kernels (RMSNorm, LayerNorm, SwiGLU, RoPE) in the vision tower and the Qwen2 LLM;
+    CUDA only (`pip install 'vlmtune[liger]'`). The loss keeps vlmtune's own token weighting."""
+
 
 def resolve_attn_implementation(name: str) -> str:
     """Pick the attention kernel; "auto" prefers FlashAttention-2 (varlen: packs cost what their
@@ -216,6 +220,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
         model = InternVLForConditionalGeneration._from_config(
             config, dtype=resolve_dtype(cfg.dtype, loading=False), attn_implementation=attn
         )
+    if cfg.liger_kernels:
+        apply_liger_kernels(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -231,6 +237,30 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
             )
         model = apply_lora(model, lora, cfg)
     return model
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> None:
+    """Swap the norms, SwiGLU MLPs and RoPE of this model instance for Liger's Triton kernels.
+
+    Liger's fused linear + cross-entropy stays off: it would compute its own token-mean loss, while the
+    objectives need per-token log-probs for square averaging and the preference terms; the LM head
+    already runs only on supervised positions (train/modeling.py).
+    """
+    if not torch.cuda.is_available():
+        raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels are Triton)")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_internvl
+    except ImportError as e:
+        raise ValueError("model.liger_kernels=true needs liger-kernel: pip install 'vlmtune[liger]'") from e
+    apply_liger_kernel_to_internvl(
+        model=model,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        rms_norm=True,
+        layer_norm=True,
+        rope=True,
+        swiglu=True,
+    )
 
 
 def _qlora_quantization() -> Any:

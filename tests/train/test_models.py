@@ -223,3 +223,12 @@ def test_gradient_checkpointing_flag(tokenizer) -> None:
     cfg = dataclasses.replace(load_tiny_model_config(), gradient_checkpointing=True)
     model = build_model(cfg, tokenizer)
     assert model.is_activation_checkpointing and model.config.use_cache is False
+
+
+def test_liger_kernels_refused_without_cuda(monkeypatch):
+    """A CPU run asking for Liger's Triton kernels stops at model build, saying why."""
+    from train.models import apply_liger_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        apply_liger_kernels(torch.nn.Linear(2, 2))

@@ -582,9 +582,14 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
     notes = [
         f"activations are an estimate (Korthikanti et al. 2022, adapted: train/plan.py); fit = total <= "
         f"{FIT_MARGIN:.0%} of GPU memory (the rest: CUDA context, NCCL/DeepSpeed buffers, fragmentation)",
-        "CPU per node follows DeepSpeed's rules: ZeRO-3 builds the model partitioned (zero.Init, "
-        "zero_init=True), though global rank 0 also holds the checkpoint's tensors once while loading; "
-        "ZeRO-0/1/2 load the whole model on every rank (zero_init=False)",
+        "CPU per node follows DeepSpeed's rules: ZeRO-0/1/2 load the whole model on every rank "
+        "(zero_init=False); ZeRO-3 builds it partitioned (zero.Init, zero_init=True)"
+        + (
+            f", though global rank 0 also holds the checkpoint's tensors once while loading "
+            f"(+{bpp.weight * pc.total / GIB:.1f} GiB on the first node at {bpp.weight} bytes/parameter)"
+            if ds.zero_stage == 3
+            else ""
+        ),
     ]
     if cfg.lora.enabled and cfg.lora.quantize:
         notes.append("lora.quantize=4bit is not modelled: base weights are counted at 16 bits")
@@ -740,7 +745,7 @@ def format_plan(plan: dict) -> str:
     )
     lines.append(
         f"CPU per node: {_gib(cpu['total']).strip()} GiB (offloaded {_gib(cpu['offloaded_states']).strip()}, "
-        f"model loading on every rank {_gib(cpu['loading']).strip()}, x{DEEPSPEED_BUFFER_FACTOR} as DeepSpeed)"
+        f"model building on every rank {_gib(cpu['loading']).strip()}, x{DEEPSPEED_BUFFER_FACTOR} as DeepSpeed)"
     )
     if plan["mpo"]:
         m = plan["mpo"]

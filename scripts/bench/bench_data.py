@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
 import random
-import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +31,13 @@ import PIL
 import torch
 from PIL import Image
 
-from data.media import jpeg_compress, jpeg_roundtrip
-from data.tiling import image_to_tiles
-
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from data.media import jpeg_compress, jpeg_roundtrip  # noqa: E402
+from data.tiling import image_to_tiles  # noqa: E402
+from scripts.bench.common import announce, ratio, round_order, summary, write_result  # noqa: E402
 
 
 def _load_reference():
@@ -68,15 +69,6 @@ def time_pass(fn: Callable[[Image.Image], torch.Tensor], images: list[Image.Imag
     return time.perf_counter() - start, tiles
 
 
-def summarise(rates: list[float]) -> dict:
-    return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "per_round": rates,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,6 +92,7 @@ def main() -> None:
         args.images, args.rounds = 4, 2
 
     torch.set_num_threads(1)
+    at_start = announce("bench_data")
     ref = _load_reference()
     size, max_num = args.image_size, args.max_num
     transform = ref.build_transform(size)
@@ -117,24 +110,28 @@ def main() -> None:
         return image_to_tiles(image, image_size=size, max_num=max_num, use_thumbnail=True)
 
     # Same work on both sides: without JPEG the outputs must be bit-identical.
-    worst = max((ours(im) - reference(im)).abs().max().item() for im in images)
+    pairs = [(ours(im), reference(im)) for im in images]
+    if any(a.shape != b.shape for a, b in pairs):
+        raise SystemExit(
+            "image_to_tiles gives other tile counts than the reference: fix data/tiling.py first"
+        )
+    worst = max((a - b).abs().max().item() for a, b in pairs)
     if worst != 0.0:
         raise SystemExit(f"image_to_tiles differs from the reference by {worst}: fix data/tiling.py first")
 
     sides = {"reference": reference, "ours": ours}
     rates: dict[str, list[float]] = {name: [] for name in sides}
-    tiles_per_pass = 0
+    tiles_per_pass: dict[str, int] = {}
     for fn in sides.values():  # warm-up (allocator, lazy imports)
         fn(images[0], random.Random(0) if args.jpeg else None)
     for round_index in range(args.rounds):
-        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
-        for name in order:
+        for name in round_order(list(sides), round_index):
             rng = random.Random(round_index) if args.jpeg else None
-            seconds, tiles_per_pass = time_pass(lambda im, fn=sides[name], rng=rng: fn(im, rng), images)
+            seconds, tiles_per_pass[name] = time_pass(lambda im, fn=sides[name], rng=rng: fn(im, rng), images)
             rates[name].append(len(images) / seconds)
 
-    summary = {name: summarise(values) for name, values in rates.items()}
-    per_round_ratio = [o / r for o, r in zip(rates["ours"], rates["reference"])]
+    sides_summary = {name: {**summary(values), "per_round": values} for name, values in rates.items()}
+    per_round_ratio = ratio(rates["ours"], rates["reference"])
     result = {
         "benchmark": "image preprocessing (tiling + normalisation), images/s",
         "config": {
@@ -147,39 +144,33 @@ def main() -> None:
             "seed": args.seed,
             "jpeg": args.jpeg,
             "smoke": args.smoke,
-            "tiles_per_pass": tiles_per_pass,
+            "tiles_per_pass": tiles_per_pass["ours"],
+            "tiles_per_pass_per_side": tiles_per_pass,
         },
         "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "max_abs_diff_without_jpeg": worst,
-        "reference": summary["reference"],
-        "ours": summary["ours"],
-        "ratio_median": summary["ours"]["median"] / summary["reference"]["median"],
-        "ratio_per_round": {"min": min(per_round_ratio), "max": max(per_round_ratio)},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "pillow": PIL.__version__,
-            "cpu": platform.processor() or platform.machine(),
-        },
+        "reference": sides_summary["reference"],
+        "ours": sides_summary["ours"],
+        "ratio_median": sides_summary["ours"]["median"] / sides_summary["reference"]["median"],
+        "ratio_per_round": per_round_ratio,
+        "versions": {"pillow": PIL.__version__},  # python, torch, cores, load: "machine"
     }
 
     print(
-        f"{args.images} images ({tiles_per_pass} tiles/pass) at {size}px, max_num {max_num}, thumbnail on, "
+        f"{args.images} images ({tiles_per_pass['ours']} tiles/pass) at {size}px, max_num {max_num}, thumbnail on, "
         f"jpeg {'on' if args.jpeg else 'off'}; {args.rounds} interleaved rounds; "
         f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     )
     print(f"outputs identical (max |diff| without jpeg = {worst})")
     print(f"{'side':<12}{'median img/s':>14}{'min':>10}{'max':>10}")
     for name in ("reference", "ours"):
-        s = summary[name]
+        s = sides_summary[name]
         print(f"{name:<12}{s['median']:>14.2f}{s['min']:>10.2f}{s['max']:>10.2f}")
     print(
         f"ratio ours/reference: {result['ratio_median']:.2f}x (median), "
-        f"per round {min(per_round_ratio):.2f}x .. {max(per_round_ratio):.2f}x"
+        f"per round {per_round_ratio['min']:.2f}x .. {per_round_ratio['max']:.2f}x"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, at_start)
 
 
 if __name__ == "__main__":

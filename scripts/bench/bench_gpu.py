@@ -27,10 +27,10 @@ matmul is also timed here and MFU is given against it too (KINDS.md saw ~790 TFL
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +39,17 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-import train.attention_varlen  # noqa: F401  (registers packed_varlen)
-from data.collate import collate_packed, collate_pairs
-from train.losses import IGNORE_INDEX
-from train.modeling import batch_to_device, unwrap
-from train.models import ModelConfig, build_model, count_parameters, num_image_tokens_per_tile
-
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import train.attention_varlen  # noqa: E402, F401  (registers packed_varlen)
+from data.collate import collate_packed, collate_pairs  # noqa: E402
+from scripts.bench.common import announce, ratio, round_order, summary, write_result  # noqa: E402
+from train.losses import IGNORE_INDEX  # noqa: E402
+from train.modeling import batch_to_device, unwrap  # noqa: E402
+from train.models import ModelConfig, build_model, count_parameters, num_image_tokens_per_tile  # noqa: E402
+
 SPEC_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense bf16, vendor datasheets
 
 
@@ -204,10 +208,6 @@ def matmul_peak(dtype: torch.dtype) -> float | None:
     return 2 * 8192**3 / statistics.median(times)
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def set_variant(engine: Any, attn: str, gc: bool) -> None:
     inner = unwrap(engine)
     inner.set_attn_implementation(attn)
@@ -273,7 +273,7 @@ def run_rounds(
     for r in range(reps):
         if done >= 2 and time.monotonic() > deadline:
             break
-        for name in list(live) if r % 2 == 0 else list(reversed(live)):
+        for name in round_order(list(live), r):
             seconds = attempt(name)
             if seconds is not None:
                 times[name].append(seconds)
@@ -301,6 +301,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     t_start = time.monotonic()
+    at_start = announce("bench_gpu")
     cuda = torch.cuda.is_available()
     if args.smoke:
         args.model, args.pack_tokens, args.packs, args.reps, args.warmup = "tiny", 512, 2, 2, 1
@@ -400,7 +401,7 @@ def main() -> None:
         results[name] = res
     base = next((a for a in attns if a in times), None)  # the first attention that ran, no checkpointing
     ratios = {  # per round: time of the other variant / time of the base (> 1: the base is faster)
-        f"{base}_speedup_over_{name}": summary([a / b for a, b in zip(times[name], times[base])])
+        f"{base}_speedup_over_{name}": ratio(times[name], times[base])
         for name in times
         if base and name != base
     }
@@ -435,9 +436,7 @@ def main() -> None:
             for layout, t in mpo_times.items()
         }
         if len(mpo_times) == 2:
-            mpo["tree_speedup_over_separate"] = summary(
-                [s / t for t, s in zip(mpo_times["tree"], mpo_times["separate"])]
-            )
+            mpo["tree_speedup_over_separate"] = ratio(mpo_times["separate"], mpo_times["tree"])
         mpo.update(rounds=mpo_rounds, pairs=args.pairs, errors=mpo_errors)
         mpo["note"] = (
             "policy forward+backward of response log-probs and the optimizer step; no reference model"
@@ -479,8 +478,6 @@ def main() -> None:
         "wall_s": time.monotonic() - t_start,
     }
     path = Path(args.out) / "bench_gpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
 
     tiles = statistics.mean(sum(s["num_tiles"] for s in p) for p in packs)
     print(
@@ -510,7 +507,8 @@ def main() -> None:
     if "tree_speedup_over_separate" in mpo:
         v = mpo["tree_speedup_over_separate"]
         print(f"mpo tree speed-up over separate: {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]")
-    print(f"-> {path} ({out['wall_s']:.0f} s)")
+    write_result(path, out, at_start)
+    print(f"({out['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

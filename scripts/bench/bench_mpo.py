@@ -26,8 +26,9 @@ Measured per side, each run in its own fresh subprocess (``--side``), the sides 
 - step time: optimizer steps after ``--warmup`` steps, from the step's start to after the optimizer
   step; batch building (tiling, tokenising, collation) is outside the timing on both sides (TRL: a
   callback from ``on_step_begin`` to ``on_step_end``, which the Trainer calls after fetching the batch);
-- peak memory: the child's ``ru_maxrss`` (the whole process, imports and loading included), and its
-  growth over the RSS just before the first step (the training working set);
+- peak memory: the child's own peak RSS (``VmHWM``, see ``common.peak_rss_mib``: the whole process,
+  imports and loading included), and its growth over the RSS just before the first step (the
+  training working set);
 - vision-tower calls and tiles encoded, by a forward hook on every ``model.vision_tower`` (policy and
   reference), per step and per pair, against the tiles the pairs' images have.
 
@@ -39,18 +40,29 @@ Ratios are TRL / ours per round (both sides of a round ran back to back), median
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts.bench.common import (  # noqa: E402
+    add_child_args,
+    announce,
+    child_main,
+    peak_rss_mib,
+    ratio,
+    rss_mib,
+    run_child,
+    run_rounds,
+    summary,
+    write_result,
+)
+
 SIDES = ("ours", "trl")
 LOSS_TYPES, LOSS_WEIGHTS = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
 IMAGE_SIZE = 56  # the tiny model's tile side
@@ -96,15 +108,6 @@ class VisionCounter:
         # a closure, not a bound method: deepcopy keeps functions as they are, so a model copied after
         # this call (our frozen-copy reference) reports to the same counter
         tower.register_forward_hook(lambda m, a, o: self.hook(m, a, o))
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def configs(args: argparse.Namespace, ckpt: Path, meta: Path) -> Any:
@@ -153,7 +156,7 @@ def run_ours(args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
-    rss_before, maxrss_before = rss_mib(), maxrss_mib()
+    rss_before, maxrss_before = rss_mib(), peak_rss_mib()
     times, losses, first_metrics = [], [], {}
     for i, batch in enumerate(batches):
         counter.enabled = i >= args.warmup
@@ -244,7 +247,7 @@ def run_trl(args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]:
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, *_: Any, **__: Any) -> None:
-            state["rss_before"], state["maxrss_before"] = rss_mib(), maxrss_mib()
+            state["rss_before"], state["maxrss_before"] = rss_mib(), peak_rss_mib()
 
         def on_step_begin(self, _args: Any, st: Any, *_: Any, **__: Any) -> None:
             counter.enabled = st.global_step >= args.warmup
@@ -278,7 +281,7 @@ def finish(
     timed = times[args.warmup :]
     pairs = len(timed) * args.pairs
     c = counter.counts
-    peak = maxrss_mib()
+    peak = peak_rss_mib()
     return {
         "step_s": statistics.median(timed),
         "step_times_s": timed,
@@ -296,45 +299,28 @@ def finish(
     }
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def run_child(side: str, args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]:
-    """Run one side in a fresh interpreter (so its ru_maxrss is its own) and read back its figures."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--side", side, "--child-out", str(out), "--tmp", tmp]
-        cmd += ["--ckpt", str(ckpt), "--meta", str(meta)]
-        cmd += ["--pairs", str(args.pairs), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        cmd += ["--lr", str(args.lr), "--threads", str(args.threads)]
-        cmd += ["--max-dynamic-patch", str(args.max_dynamic_patch)]
-        cmd += ["--train-vision"] if args.train_vision else []
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(args.threads),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"side {side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+def run_side(side: str, args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]:
+    """Run one side in a fresh interpreter (its own peak memory) and read back its figures."""
+    argv = ["--side", side, "--ckpt", str(ckpt), "--meta", str(meta)]
+    argv += ["--pairs", str(args.pairs), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    argv += ["--lr", str(args.lr), "--threads", str(args.threads)]
+    argv += ["--max-dynamic-patch", str(args.max_dynamic_patch)]
+    argv += ["--train-vision"] if args.train_vision else []
+    return run_child(__file__, argv, args.threads, f"side {side}")
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
     ours, trl = runs["ours"], runs["trl"]
 
-    def ratio(key: str) -> dict[str, float]:
-        return spread([b[key] / a[key] for a, b in zip(ours, trl)])
+    def trl_over_ours(key: str) -> dict[str, float]:
+        return ratio([b[key] for b in trl], [a[key] for a in ours])
 
     per_side = {
         side: {
-            "step_s": spread([r["step_s"] for r in rs]),
-            "peak_rss_mib": spread([r["peak_rss_mib"] for r in rs]),
-            "rss_before_steps_mib": spread([r["rss_before_steps_mib"] for r in rs]),
-            "peak_growth_mib": spread([r["peak_growth_mib"] for r in rs]),
+            "step_s": summary([r["step_s"] for r in rs]),
+            "peak_rss_mib": summary([r["peak_rss_mib"] for r in rs]),
+            "rss_before_steps_mib": summary([r["rss_before_steps_mib"] for r in rs]),
+            "peak_growth_mib": summary([r["peak_growth_mib"] for r in rs]),
             **{
                 k: rs[0][k]
                 for k in (
@@ -354,10 +340,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     return {
         "sides": per_side,
         "trl_over_ours": {
-            "step_time": ratio("step_s"),
-            "peak_rss": ratio("peak_rss_mib"),
-            "peak_growth": ratio("peak_growth_mib"),
-            "tiles_encoded": ratio("tiles_encoded_per_pair"),
+            "step_time": trl_over_ours("step_s"),
+            "peak_rss": trl_over_ours("peak_rss_mib"),
+            "peak_growth": trl_over_ours("peak_growth_mib"),
+            "tiles_encoded": trl_over_ours("tiles_encoded_per_pair"),
         },
         "settings": {
             "pairs_per_step": args.pairs,
@@ -406,7 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds, for CI")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, for CI")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step (both sides)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -421,14 +407,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (OMP_NUM_THREADS)")
     parser.add_argument("--workdir", default=str(REPO / "outputs" / "bench" / "mpo_work"))
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "mpo.json"))
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child: run one side
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    parser.add_argument("--tmp", help=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
-    parser.add_argument("--meta", help=argparse.SUPPRESS)
+    add_child_args(parser, SIDES)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.pairs, args.warmup, args.steps, args.repeats = 2, 1, 2, 2
+        args.pairs, args.warmup, args.steps, args.repeats = 2, 1, 2, 1
     return args
 
 
@@ -436,25 +418,15 @@ def main() -> None:
     args = parse_args()
 
     if args.side:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        torch.manual_seed(0)
-        run = run_ours if args.side == "ours" else run_trl
-        result = run(args, Path(args.ckpt), Path(args.meta))
-        Path(args.child_out).write_text(json.dumps(result))
+        child_main(args, {"ours": run_ours, "trl": run_trl})
         return
 
+    at_start = announce("bench_mpo")
     ckpt, meta = prepare(Path(args.workdir), (args.warmup + args.steps) * args.pairs, args.max_dynamic_patch)
-    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
-    for r in range(args.repeats):
-        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-            runs[side].append(run_child(side, args, ckpt, meta))
+    runs = run_rounds(SIDES, args.repeats, lambda side, _: run_side(side, args, ckpt, meta))
     result = summarise(runs, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     report(result)
-    print(f"-> {args.out}")
+    write_result(args.out, result, at_start)
 
 
 if __name__ == "__main__":

@@ -8,28 +8,31 @@ answers) at the recipe's pack length.
 Tokens/s: forward + backward of the tiny model on the same demo samples, as packed rows
 (``packing.max_tokens``, with our ``packed_sdpa`` and with transformers' dense block mask) and as
 padded micro-batches of ``--batch`` samples (the peers' layout);
-the two sides are interleaved, repeated ``--rounds`` times, median and min/max reported.
+the two sides are interleaved, repeated ``--rounds`` times, median and min/max reported; one torch
+thread unless ``--threads`` says otherwise. Against TRL's ``SFTTrainer``: ``bench_sft_peer.py``.
 
-    python scripts/bench/bench_sft.py [--smoke] [--out outputs/bench/sft.json]
+    OMP_NUM_THREADS=1 python scripts/bench/bench_sft.py [--smoke] [--out outputs/bench/sft.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data.collate import collate_packed, collate_padded
-from data.packing import fill_ratio, iter_packs
-from train.losses import IGNORE_INDEX, loss_normaliser, weighted_nll_sum
-from train.modeling import forward_logits
-
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from data.collate import collate_packed, collate_padded  # noqa: E402
+from data.packing import fill_ratio, iter_packs  # noqa: E402
+from scripts.bench.common import announce, ratio, round_order, summary, write_result  # noqa: E402
+from train.losses import IGNORE_INDEX, loss_normaliser, weighted_nll_sum  # noqa: E402
+from train.modeling import forward_logits  # noqa: E402
 
 
 def demo_samples(n: int, workdir: Path) -> tuple[list[dict], object]:
@@ -80,12 +83,6 @@ def internvl_like_lengths(n: int, seed: int = 0) -> list[int]:
     return out
 
 
-def ratio(a: list[float], b: list[float]) -> dict[str, float]:
-    """Per-round ratios (the sides ran back to back in each round), median and spread."""
-    r = [x / y for x, y in zip(a, b)]
-    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
-
-
 def step(model, batch) -> None:
     keep = (batch["targets"] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
     logits = forward_logits(model, batch, keep)
@@ -105,12 +102,14 @@ def main() -> None:
     parser.add_argument("--pack-tokens", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8, help="samples per padded micro-batch")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (per core figures by default)")
     parser.add_argument("--workdir", default=str(REPO / "outputs" / "bench" / "sft_work"))
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "sft.json"))
     args = parser.parse_args()
     if args.smoke:
         args.samples, args.rounds = 32, 2
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    at_start = announce("bench_sft")
     workdir = Path(args.workdir)
     samples, ckpt = demo_samples(args.samples, workdir)
     lengths = [len(s["input_ids"]) for s in samples]
@@ -150,8 +149,7 @@ def main() -> None:
         step(model, batches[0])
     times: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.rounds):
-        names = list(sides) if r % 2 == 0 else list(reversed(sides))
-        for name in names:
+        for name in round_order(list(sides), r):
             model, batches = sides[name]
             t0 = time.perf_counter()
             for b in batches:
@@ -160,9 +158,7 @@ def main() -> None:
     tps = {k: [total_tokens / t for t in v] for k, v in times.items()}
     result = {
         "fill_ratio": fills,
-        "tokens_per_s": {
-            k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in tps.items()
-        },
+        "tokens_per_s": {k: summary(v) for k, v in tps.items()},
         "speedup_packed_over_padded": ratio(tps["packed"], tps["padded"]),
         "speedup_packed_sdpa_over_dense_mask": ratio(tps["packed"], tps["packed_dense_mask"]),
         "samples": len(samples),
@@ -172,8 +168,6 @@ def main() -> None:
         "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print("fill ratio (real tokens / slots):")
     for k, v in fills.items():
         print(f"  {k:<28} {v:.3f}")
@@ -183,7 +177,7 @@ def main() -> None:
     for key in ("speedup_packed_over_padded", "speedup_packed_sdpa_over_dense_mask"):
         v = result[key]
         print(f"{key}: {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]")
-    print(f"-> {args.out}")
+    write_result(args.out, result, at_start)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ short packs of synthetic data, so activations stay small beside the model states
   ``stage3_param_persistence_threshold=0`` (every parameter partitioned, as at real sizes);
 - **zero2** (``--zero2``): two processes, ZeRO-2.
 
-Each rank runs ``train.sft`` inside this script (``--rank-child``), which writes the process's
-``ru_maxrss`` to a file per rank on exit: the whole process's peak, imports, model build and
+Each rank runs ``train.sft`` inside this script (``--rank-child``), which writes the process's own
+peak RSS (``VmHWM``, see ``common.peak_rss_mib``; not ``ru_maxrss``, which a child inherits from its
+parent) to a file per rank on exit: the whole process's peak, imports, model build and
 DeepSpeed's partitioning included. ``idle`` is a process that imports the same modules (torch,
 deepspeed, transformers, train.sft) and exits: its peak is subtracted to give the training part
 ("growth"). Beside the measurements, the model-state bytes per rank that ``vlmtune plan``
@@ -35,7 +36,6 @@ import argparse
 import atexit
 import json
 import os
-import resource
 import runpy
 import statistics
 import subprocess
@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from scripts.bench.common import announce, peak_rss_mib, ratio, round_order, summary, write_result  # noqa: E402
 from tests.train.e2e import free_port, sft_env  # noqa: E402
 
 MIB = 2**20
@@ -57,10 +58,6 @@ LAYOUTS = {  # name -> (processes, Hydra overrides)
     "zero2": (2, {"deepspeed": "zero2"}),
 }
 IDLE_IMPORTS = "import torch, deepspeed, transformers, train.sft, train.loop, train.engine"
-
-
-def maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def prepare(workdir: Path, num_train: int) -> tuple[Path, Path]:
@@ -153,12 +150,12 @@ def run_layout(args: argparse.Namespace, layout: str, ckpt: Path, meta: Path) ->
 
 def run_idle(args: argparse.Namespace) -> float:
     """Peak RSS (MiB) of a process that only imports what a training rank imports."""
-    code = f"{IDLE_IMPORTS}; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code = f"{IDLE_IMPORTS}; from scripts.bench.common import peak_rss_mib; print(peak_rss_mib())"
     env = {**sft_env(), "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"idle import failed:\n{proc.stderr[-4000:]}")
-    return int(proc.stdout.split()[-1]) / 1024
+    return float(proc.stdout.split()[-1])
 
 
 def rank_child(peaks: Path, overrides: list[str]) -> None:
@@ -166,15 +163,11 @@ def rank_child(peaks: Path, overrides: list[str]) -> None:
     rank = os.environ.get("RANK", "0")
 
     def write() -> None:
-        (peaks / f"rank{rank}.json").write_text(json.dumps({"rank": int(rank), "maxrss_mib": maxrss_mib()}))
+        (peaks / f"rank{rank}.json").write_text(json.dumps({"rank": int(rank), "maxrss_mib": peak_rss_mib()}))
 
     atexit.register(write)
     sys.argv = ["train.sft", *overrides]
     runpy.run_module("train.sft", run_name="__main__", alter_sys=True)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def summarise(
@@ -188,10 +181,10 @@ def summarise(
         worst = [max(r) for r in rounds]
         layouts[name] = {
             "processes": nproc,
-            "peak_rss_mib_per_rank": [spread([r[k] for r in rounds]) for k in range(nproc)],
-            "growth_mib_per_rank": [spread([r[k] - i for r, i in zip(rounds, idle)]) for k in range(nproc)],
-            "max_rank_peak_rss_mib": spread(worst),
-            "max_rank_growth_mib": spread([w - i for w, i in zip(worst, idle)]),
+            "peak_rss_mib_per_rank": [summary([r[k] for r in rounds]) for k in range(nproc)],
+            "growth_mib_per_rank": [summary([r[k] - i for r, i in zip(rounds, idle)]) for k in range(nproc)],
+            "max_rank_peak_rss_mib": summary(worst),
+            "max_rank_growth_mib": summary([w - i for w, i in zip(worst, idle)]),
             "plan": plans[name],
         }
     ratios = {}
@@ -200,13 +193,13 @@ def summarise(
             continue
         pairs = list(zip(runs[name], runs["zero0"], idle))
         ratios[f"{name}_over_zero0"] = {
-            "peak_rss": spread([max(a) / b[0] for a, b, _ in pairs]),
-            "growth": spread([(max(a) - i) / (b[0] - i) for a, b, i in pairs]),
+            "peak_rss": ratio([max(a) for a, _, _ in pairs], [b[0] for _, b, _ in pairs]),
+            "growth": ratio([max(a) - i for a, _, i in pairs], [b[0] - i for _, b, i in pairs]),
             "planned_model_states": plans[name]["model_states_per_rank_mib"]["total"]
             / plans["zero0"]["model_states_per_rank_mib"]["total"],
         }
     return {
-        "idle_peak_rss_mib": spread(idle),
+        "idle_peak_rss_mib": summary(idle),
         "idle_imports": IDLE_IMPORTS,
         "idle_baseline_mib": base,
         "layouts": layouts,
@@ -246,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--smoke", action="store_true", help="small model, 1 step, 3 rounds")
+    parser.add_argument("--smoke", action="store_true", help="small model, 1 step, 1 round")
     parser.add_argument("--hidden", type=int, default=1024, help="LLM hidden size (heads of 64)")
     parser.add_argument("--layers", type=int, default=6, help="LLM decoder layers")
     parser.add_argument("--intermediate", type=int, default=2816, help="LLM MLP width")
@@ -261,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.hidden, args.layers, args.intermediate, args.steps, args.repeats = 512, 4, 1408, 1, 3
+        args.hidden, args.layers, args.intermediate, args.steps, args.repeats = 512, 4, 1408, 1, 1
     return args
 
 
@@ -271,22 +264,21 @@ def main() -> None:
         rank_child(Path(args.rank_child), args.overrides)
         return
 
+    at_start = announce("bench_zero")
     ckpt, meta = prepare(Path(args.workdir), 64)
     names = ["zero0", "zero3"] + (["zero2"] if args.zero2 else [])
     plans = {name: planned(args, name, ckpt) for name in names}
     runs: dict[str, list[list[float]]] = {name: [] for name in names}
     idle: list[float] = []
     for r in range(args.repeats):
-        for name in [*names, "idle"] if r % 2 == 0 else ["idle", *names[::-1]]:
+        for name in round_order([*names, "idle"], r):
             if name == "idle":
                 idle.append(run_idle(args))
             else:
                 runs[name].append(run_layout(args, name, ckpt, meta))
     result = summarise(runs, idle, plans, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     report(result)
-    print(f"-> {args.out}")
+    write_result(args.out, result, at_start)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,17 @@
-"""scripts/bench/bench_mpo.py: both sides train on the same tiles, and only ours encodes each tile once."""
+"""scripts/bench/bench_mpo.py: both sides train on the same tiles, and only ours encodes each tile once.
+
+The script's command line (``--smoke``, fresh processes, the JSON) is tested in test_bench_smoke.py."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "bench_mpo.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_mpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts.bench import bench_mpo as bench
 
 
 def test_sides_in_process_count_vision_work_and_start_at_the_same_loss(tiny_model_dir, tmp_path):
-    bench = _bench()
     args = bench.parse_args(["--smoke", "--tmp", str(tmp_path)])
     (tmp_path / "tiny").symlink_to(tiny_model_dir)
     ckpt, meta = bench.prepare(tmp_path, (args.warmup + args.steps) * args.pairs, args.max_dynamic_patch)
@@ -46,19 +35,3 @@ def test_sides_in_process_count_vision_work_and_start_at_the_same_loss(tiny_mode
     )
     # TRL's sum is the same but for its NLL, which also scores the "\n" after <|im_end|>
     assert ours["losses"][0] == pytest.approx(trl["losses"][0], rel=0.02)
-
-
-@pytest.mark.slow
-def test_smoke_cli_writes_ratios(tmp_path):
-    out = tmp_path / "mpo.json"
-    cmd = [sys.executable, str(SCRIPT), "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
-    sides = result["sides"]
-    assert sides["ours"]["vision_calls_per_pair"] == 1 / result["settings"]["pairs_per_step"]
-    assert sides["trl"]["vision_calls_per_pair"] >= 2 * sides["ours"]["vision_calls_per_pair"]
-    assert result["trl_over_ours"]["tiles_encoded"]["median"] == 4
-    assert len(result["runs"]["ours"]) == len(result["runs"]["trl"]) == 2
-    assert all(
-        r["peak_rss_mib"] > r["rss_before_steps_mib"] > 0 for rs in result["runs"].values() for r in rs
-    )

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "bench_zero.py"
+from scripts.bench import bench_zero as bench
+
+SCRIPT = bench.__file__
 MIB = 2**20
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_zero", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_planned_states_follow_fp32_zero_rules(tiny_model_dir):
-    bench = _bench()
     args = bench.parse_args(["--smoke"])
     zero0, zero3 = bench.planned(args, "zero0", tiny_model_dir), bench.planned(args, "zero3", tiny_model_dir)
     P = zero0["parameters"]
@@ -38,7 +30,6 @@ def test_planned_states_follow_fp32_zero_rules(tiny_model_dir):
 
 
 def test_summary_ratios_subtract_the_idle_process():
-    bench = _bench()
     args = bench.parse_args(["--repeats", "2"])
     plan = {"model_states_per_rank_mib": {"total": 100.0}}
     plans = {"zero0": plan, "zero3": {"model_states_per_rank_mib": {"total": 55.0}}}
@@ -48,12 +39,13 @@ def test_summary_ratios_subtract_the_idle_process():
         "median": 780.0,
         "min": 760.0,
         "max": 800.0,
+        "spread": 40 / 780,
     }
     assert result["layouts"]["zero3"]["growth_mib_per_rank"][1]["median"] == (160 + 90) / 2
     r = result["ratios"]["zero3_over_zero0"]
     assert r["peak_rss"]["max"] == 760 / 1000
     # round 1: (760 - 600) / (1000 - 600) = 0.4; round 2: (800 - 700) / (1100 - 700) = 0.25
-    assert r["growth"] == pytest.approx({"median": 0.325, "min": 0.25, "max": 0.4})
+    assert r["growth"] == pytest.approx({"median": 0.325, "min": 0.25, "max": 0.4, "spread": 0.15 / 0.325})
     assert r["planned_model_states"] == 0.55
 
 

@@ -1,5 +1,8 @@
 """Samples -> model tensors: one packed row (attention isolated by restarting position ids) or padded rows.
 
+Each batch names the dataset of every sample and its tokens (``datasets``, ``sample_tokens``) so
+that the loop can log the tokens each dataset contributed (the realised mixture).
+
 Loss targets are shifted here, once, with the per-token weights of the chosen loss reduction, so
 the objective only multiplies and sums (train/losses.py holds the maths).
 """
@@ -38,6 +41,8 @@ def collate_packed(samples: list[dict], reduction: str) -> Batch:
         "weights": weights[None],
         "pixel_values": _pixel_values(samples),
         "lengths": lengths,
+        "datasets": [s.get("dataset", "") for s in samples],
+        "sample_tokens": lengths,
         "supervised_counts": counts,
         "num_samples": len(samples),
         "num_tokens": sum(lengths),
@@ -71,6 +76,8 @@ def collate_padded(samples: list[dict], reduction: str, pad_token_id: int) -> Ba
         "weights": weights,
         "pixel_values": _pixel_values(samples),
         "lengths": lengths,
+        "datasets": [s.get("dataset", "") for s in samples],
+        "sample_tokens": lengths,
         "supervised_counts": torch.cat(counts),
         "num_samples": rows,
         "num_tokens": sum(lengths),
@@ -92,7 +99,7 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
 
     if layout not in ("tree", "separate"):
         raise ValueError(f"mpo layout must be 'tree' or 'separate', got {layout!r}")
-    ids, positions, masks, feature_index = [], [], [], []
+    ids, positions, masks, feature_index, pair_tokens = [], [], [], [], []
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("pos", "target", "pair", "branch", "supervised")}
     offset = tile_offset = 0
 
@@ -106,6 +113,7 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
     for i, pair in enumerate(pairs):
         prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
         p, c, r = len(prompt), len(chosen), len(rejected)
+        pair_start = offset
         tiles = torch.arange(tile_offset, tile_offset + pair["num_tiles"])
         tile_offset += pair["num_tiles"]
         if layout == "tree":
@@ -117,6 +125,7 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
             add_response(i, 1, "rejected", parent[p + c :])
             offset += p + c + r
             feature_index.append(tiles)
+            pair_tokens.append(offset - pair_start)
             continue
         for branch, (key, resp) in enumerate((("chosen", chosen), ("rejected", rejected))):
             ids += [prompt, resp]
@@ -124,6 +133,7 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
             add_response(i, branch, key, offset + tree_parent_index(p, len(resp), 0)[p:])
             offset += p + len(resp)
             feature_index.append(tiles)
+        pair_tokens.append(offset - pair_start)
     resp = {k: torch.cat(v) for k, v in rows.items()}
     chosen_sup = resp["supervised"] & (resp["branch"] == 0)
     counts = torch.zeros(len(pairs), dtype=torch.long).index_add_(0, resp["pair"], chosen_sup.long())
@@ -155,6 +165,8 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
         "response_lengths": lengths,
         "num_pairs": len(pairs),
         "sources": [p.get("source", "") for p in pairs],
+        "datasets": [p.get("dataset", "") for p in pairs],
+        "sample_tokens": pair_tokens,
         "num_samples": len(pairs),
         "num_tokens": offset,
         "num_slots": offset,

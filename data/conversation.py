@@ -20,6 +20,11 @@ tokens or before the first character of an answer, where Qwen2.5's pre-tokenizer
 the ids equal tokenising the whole rendered string; the one exception is an answer that starts with
 a newline, which is then tokenised the way the model sees it at generation time (after a
 separately tokenised ``<|im_start|>assistant\\n``).
+
+Pre-training (InternVL3's native multimodal pre-training) adds two things: ``supervision="all"``,
+which labels every text token of a conversation (role headers included; image tokens still never),
+and text records (``{"text": ...}``, optionally with images placed by ``<image>``), tokenised raw,
+without the chat template, by `tokenize_text`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,31 @@ _ROLE_NAMES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
 @dataclass(frozen=True)
+class TextRecord:
+    """A validated pre-training text record: raw text (with ``<image>``/``<video>`` placeholders) and media."""
+
+    text: str
+    images: list[str]
+    video: str | None
+
+
+def is_text_record(record: dict[str, Any]) -> bool:
+    """A ``{"text": ...}`` line (pre-training corpus) rather than a conversation."""
+    return "text" in record and "conversations" not in record
+
+
+def validate_text_record(record: dict[str, Any]) -> TextRecord:
+    """Check a text record's fields; raises SkipSample naming the field at fault."""
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise SkipSample("bad_conversation", f"text: expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise SkipSample("missing_field", "text (empty)")
+    images, video = validate_media(record)
+    return TextRecord(text=text, images=images, video=video)
+
+
+@dataclass(frozen=True)
 class Record:
     """A validated jsonl record: the turns and the media paths it refers to (relative to ``root``)."""
 
@@ -61,6 +91,8 @@ def validate_record(record: dict[str, Any]) -> Record:
     """
     if "conversations" not in record:
         raise SkipSample("missing_field", "conversations")
+    if "text" in record:
+        raise SkipSample("bad_conversation", "text and conversations: a record is one or the other")
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise SkipSample("bad_conversation", "conversations: expected a non-empty list of turns")
@@ -164,28 +196,24 @@ def tokenize_conversation(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     max_length: int | None = None,
     frame_token_counts: list[int] | None = None,
+    supervision: str = "assistant",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-format ``conversations`` and return ``(input_ids, labels)`` as LongTensors.
 
     ``image_token_counts[i]``: ``<IMG_CONTEXT>`` tokens for image i (its tiles x tokens per tile);
     ``frame_token_counts``: the same per video frame, for a video sample. The sample's own system
     turn wins over ``system_prompt``; ``system_prompt=None`` omits the system turn.
+    ``supervision="assistant"`` labels the answers (and their ``<|im_end|>``) only; ``"all"`` labels
+    every text token, template included, and never an image's ``<img>..</img>`` span.
 
     A sample longer than ``max_length`` is dropped (SkipSample("too_long")), never truncated:
     InternVL truncates, which can cut through image tokens (and then fails its own image-count
     assert) or leave a question without its answer; dropping keeps every sample whole and
     check-data reports how many were lost.
     """
-    is_video = frame_token_counts is not None
-    if is_video and image_token_counts:
-        raise ValueError("a sample has images or a video, not both")
-    turns = insert_placeholders(conversations, len(image_token_counts), is_video)
-    counts = list(image_token_counts)
-    if is_video:
-        counts = list(frame_token_counts)
-        for t in turns:
-            if t["from"] == "human":
-                t["value"] = t["value"].replace(VIDEO_PLACEHOLDER, video_frames_text(len(counts)))
+    if supervision not in ("all", "assistant"):
+        raise ValueError(f"supervision must be 'all' or 'assistant', got {supervision!r}")
+    turns, counts = _expand_media(conversations, image_token_counts, frame_token_counts)
 
     system = system_prompt
     if turns[0]["from"] == "system":
@@ -211,6 +239,32 @@ def tokenize_conversation(
                 ("\n", False),
             ]
 
+    if supervision == "all":
+        pieces = [p if isinstance(p, int) else (p[0], True) for p in pieces]
+    return _encode_pieces(pieces, tokenizer, max_length)
+
+
+def _expand_media(
+    turns: list[dict[str, str]], image_token_counts: list[int], frame_token_counts: list[int] | None
+) -> tuple[list[dict[str, str]], list[int]]:
+    """Placeholders checked/inserted and ``<video>`` expanded to frames; the token count of each ``<image>``."""
+    is_video = frame_token_counts is not None
+    if is_video and image_token_counts:
+        raise ValueError("a sample has images or a video, not both")
+    turns = insert_placeholders(turns, len(image_token_counts), is_video)
+    counts = list(image_token_counts)
+    if is_video:
+        counts = list(frame_token_counts)
+        for t in turns:
+            if t["from"] == "human":
+                t["value"] = t["value"].replace(VIDEO_PLACEHOLDER, video_frames_text(len(counts)))
+    return turns, counts
+
+
+def _encode_pieces(
+    pieces: list[tuple[str, bool] | int], tokenizer: Any, max_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise text pieces in one call, insert images as ids, label the pieces marked so."""
     texts = [p[0] for p in pieces if not isinstance(p, int)]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     img_start, img_end, img_ctx = tokenizer.convert_tokens_to_ids([IMG_START, IMG_END, IMG_CONTEXT])
@@ -227,3 +281,31 @@ def tokenize_conversation(
     if max_length is not None and len(input_ids) > max_length:
         raise SkipSample("too_long", f"{len(input_ids)} tokens > max_length {max_length}")
     return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def tokenize_text(
+    text: str,
+    tokenizer: Any,
+    image_token_counts: list[int],
+    *,
+    max_length: int | None = None,
+    frame_token_counts: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-training text record -> ``(input_ids, labels)``: the raw text, then the tokenizer's eos.
+
+    No chat template: a corpus document is not an answer to anyone, and role headers would spend
+    tokens and teach the model that documents follow a user turn. The document ends with
+    ``tokenizer.eos_token`` (``<|im_end|>`` in InternVL3-hf / Qwen2.5-Instruct), the token generation
+    stops at, so the model learns to end a text as it ends an answer; not ``<|endoftext|>``, which is
+    the padding token here and padding is never a target. Every text token and the eos are labelled;
+    images (``<image>`` in the text, or put in front as for a conversation) never are.
+    """
+    [turn], counts = _expand_media([{"from": "human", "value": text}], image_token_counts, frame_token_counts)
+    parts = turn["value"].split(IMAGE_PLACEHOLDER)
+    pieces: list[tuple[str, bool] | int] = [(parts[0], True)] if parts[0] else []
+    for part in parts[1:]:
+        pieces.append(counts.pop(0))
+        if part:
+            pieces.append((part, True))
+    pieces.append((tokenizer.eos_token or IM_END, True))
+    return _encode_pieces(pieces, tokenizer, max_length)

@@ -1,5 +1,9 @@
 """One SFT sample from one jsonl record: read -> validate -> load media -> augment -> tile -> tokenize.
 
+A record is a conversation or, for pre-training, a ``{"text": ...}`` document; what it is
+supervised on follows its dataset's ``supervision`` (default: text records every text token,
+conversations the assistant turns).
+
 `SampleProcessor` is the whole per-sample path as one call that either returns a sample dict or
 raises `SkipSample`; `iter_samples` walks the shuffled index, counts the skips and yields the rest.
 Every random choice for the sample at index position k comes from an RNG seeded by (seed, k), so
@@ -11,16 +15,26 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import MISSING
 
-from data.conversation import DEFAULT_SYSTEM_PROMPT, tokenize_conversation, validate_record
+from data.conversation import (
+    DEFAULT_SYSTEM_PROMPT,
+    Record,
+    TextRecord,
+    is_text_record,
+    tokenize_conversation,
+    tokenize_text,
+    validate_record,
+    validate_text_record,
+)
 from data.media import MediaError, jpeg_compress, load_image, load_video_frames
 from data.meta import DatasetSpec, jsonl_file
 from data.report import SkipReport, SkipSample
-from data.tiling import frames_to_tiles, image_to_tiles
+from data.tiling import choose_grid, frames_to_tiles, image_to_tiles
 
 
 @dataclass
@@ -101,6 +115,31 @@ def tile_limits(cfg: DataConfig, spec: DatasetSpec, num_images: int) -> tuple[in
     return min(min_num, max_num), max_num
 
 
+def num_image_tiles(
+    width: int, height: int, *, min_num: int, max_num: int, image_size: int, use_thumbnail: bool
+) -> int:
+    """Tiles `image_to_tiles` makes of a ``width`` x ``height`` image: the grid, plus the thumbnail
+    when the grid has more than one tile. Known from the image header alone, without decoding."""
+    cols, rows = choose_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
+    return cols * rows + int(use_thumbnail and cols * rows != 1)
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header (PIL reads no pixels); raises SkipSample like `load_image`."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise SkipSample("missing_image", f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad headers
+        raise SkipSample("corrupt_image", f"{path}: {type(e).__name__}: {e}") from e
+    if width == 0 or height == 0:
+        raise SkipSample("zero_size_image", f"{path}: {width}x{height}")
+    return width, height
+
+
 def load_media(
     cfg: DataConfig,
     spec: DatasetSpec,
@@ -155,8 +194,8 @@ class SampleProcessor:
     """Turns (dataset, record index) into a processed SFT sample dict, or raises SkipSample.
 
     The dict holds ``input_ids``/``labels`` (LongTensor[L]), ``pixel_values`` (float[T, 3, S, S],
-    T = 0 for pure text), ``num_tiles``, ``num_images`` (images or video frames), ``dataset`` and
-    ``source`` (``"file:line"``).
+    T = 0 for pure text), ``num_tiles``, ``num_images`` (images or video frames), ``dataset``,
+    ``source`` (``"file:line"``) and ``kind`` (``"text"`` for a text record, else ``"conversation"``).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, tokens_per_tile: int) -> None:
@@ -168,19 +207,49 @@ class SampleProcessor:
         """(min, max) tiles per image for ``spec`` (see `tile_limits`)."""
         return tile_limits(self.cfg, spec, num_images)
 
-    def __call__(self, spec: DatasetSpec, line_no: int, rng: random.Random, training: bool) -> dict[str, Any]:
-        jf = jsonl_file(spec.annotation)
-        source = jf.source(line_no)
-        record = validate_record(jf.read(line_no))
-        media = load_media(self.cfg, spec, record.images, record.video, self.tokens_per_tile, rng, training)
-        input_ids, labels = tokenize_conversation(
+    def read(self, spec: DatasetSpec, line_no: int) -> tuple[Record | TextRecord, str]:
+        """The validated record and its supervision ("all" | "assistant"); raises SkipSample."""
+        raw = jsonl_file(spec.annotation).read(line_no)
+        if is_text_record(raw):
+            if spec.supervision == "assistant":
+                raise SkipSample(
+                    "missing_field",
+                    f"conversations (dataset {spec.name!r} has supervision 'assistant'; a text record has "
+                    "no assistant turn: set 'supervision': 'all' or drop the key)",
+                )
+            return validate_text_record(raw), "all"
+        return validate_record(raw), spec.supervision or "assistant"
+
+    def tokenize(
+        self,
+        record: Record | TextRecord,
+        supervision: str,
+        image_tokens: list[int],
+        frame_tokens: list[int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(record, TextRecord):
+            return tokenize_text(
+                record.text,
+                self.tokenizer,
+                image_tokens,
+                max_length=self.cfg.max_length,
+                frame_token_counts=frame_tokens,
+            )
+        return tokenize_conversation(
             record.conversations,
             self.tokenizer,
-            media.image_tokens,
+            image_tokens,
             system_prompt=self.cfg.system_prompt,
             max_length=self.cfg.max_length,
-            frame_token_counts=media.frame_tokens,
+            frame_token_counts=frame_tokens,
+            supervision=supervision,
         )
+
+    def __call__(self, spec: DatasetSpec, line_no: int, rng: random.Random, training: bool) -> dict[str, Any]:
+        source = jsonl_file(spec.annotation).source(line_no)
+        record, supervision = self.read(spec, line_no)
+        media = load_media(self.cfg, spec, record.images, record.video, self.tokens_per_tile, rng, training)
+        input_ids, labels = self.tokenize(record, supervision, media.image_tokens, media.frame_tokens)
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -189,7 +258,38 @@ class SampleProcessor:
             "num_images": media.num_images,
             "dataset": spec.name,
             "source": source,
+            "kind": "text" if isinstance(record, TextRecord) else "conversation",
         }
+
+    def count_tokens(self, spec: DatasetSpec, line_no: int) -> int:
+        """The sample's length in tokens (text + image tokens) without decoding any pixels.
+
+        Image tiles come from the header's size through the tiling maths, so this equals
+        ``len(self(...)["input_ids"])`` for image and text records. A video's frame count is drawn
+        at load time; it is taken as the middle of ``[min_num_frames, max_num_frames]`` here.
+        Raises SkipSample for bad records, missing images and unreadable headers (pixel data that
+        is corrupt past the header is only found by processing).
+        """
+        record, supervision = self.read(spec, line_no)
+        image_tokens: list[int] = []
+        min_num, max_num = self.tile_limits(spec, len(record.images))
+        for path in record.images:
+            width, height = image_size_of(spec.root / path)
+            tiles = num_image_tiles(
+                width,
+                height,
+                min_num=min_num,
+                max_num=max_num,
+                image_size=self.cfg.image_size,
+                use_thumbnail=self.cfg.use_thumbnail,
+            )
+            image_tokens.append(tiles * self.tokens_per_tile)
+        frame_tokens = None
+        if record.video is not None:
+            frames = (self.cfg.min_num_frames + self.cfg.max_num_frames) // 2
+            frame_tokens = [self.tokens_per_tile] * frames
+        input_ids, _ = self.tokenize(record, supervision, image_tokens, frame_tokens)
+        return len(input_ids)
 
 
 def iter_samples(

@@ -5,6 +5,11 @@ The meta file is the one InternVL's `internvl_chat/shell/data/*.json` use::
     {"name": {"root": "images/", "annotation": "train.jsonl", "repeat_time": 1,
               "max_dynamic_patch": 6, "data_augment": false, "length": 1000}}
 
+Two keys of our own drive pre-training mixtures (InternVL3's native multimodal pre-training,
+text corpora next to multimodal data): ``supervision`` (``"all"``: every text token is a target,
+``"assistant"``: assistant turns only; default by record kind, see data/dataset.py) and ``weight``
+(the dataset's target share of the *tokens* of an epoch; see data/mixture.py).
+
 Everything that can be checked before training is checked at load time: a missing file or a
 misspelt key fails at start with the meta file, dataset and key named, not hours into a run.
 Relative ``root``/``annotation`` paths resolve against the meta file's directory (InternVL
@@ -26,10 +31,23 @@ from typing import Any
 from data.report import SkipSample
 
 #: Keys InternVL's meta files use (internvl_chat/internvl/train/internvl_chat_finetune.py,
-#: build_datasets), plus ``min_dynamic_patch`` as the per-dataset twin of ``max_dynamic_patch``.
+#: build_datasets), plus ``min_dynamic_patch`` as the per-dataset twin of ``max_dynamic_patch`` and
+#: the mixture keys ``supervision`` and ``weight``.
 KNOWN_KEYS = frozenset(
-    {"root", "annotation", "repeat_time", "max_dynamic_patch", "min_dynamic_patch", "data_augment", "length"}
+    {
+        "root",
+        "annotation",
+        "repeat_time",
+        "max_dynamic_patch",
+        "min_dynamic_patch",
+        "data_augment",
+        "length",
+        "supervision",
+        "weight",
+    }
 )
+#: What a dataset's samples are supervised on: every text token (pre-training) or assistant turns (SFT).
+SUPERVISIONS = ("all", "assistant")
 
 
 class MetaError(ValueError):
@@ -49,6 +67,13 @@ class DatasetSpec:
     data_augment: bool = False
     length: int | None = None
     meta_path: Path | None = None
+    #: "all" | "assistant" | None (by record kind: text records "all", conversations "assistant").
+    supervision: str | None = None
+    #: Target share of an epoch's tokens (relative to the other datasets' weights); None: repeat_time alone.
+    weight: float | None = None
+    #: Samples this dataset gives an epoch, set from the weights by `data.mixture.apply_mixture`
+    #: (not a meta key); None: ``repeat_time`` decides.
+    samples_per_epoch: int | None = None
 
     @property
     def num_records(self) -> int:
@@ -93,6 +118,19 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
     augment = entry.get("data_augment", False)
     if not isinstance(augment, bool):
         raise MetaError(f"{meta}: dataset {name!r}: 'data_augment' must be true/false, got {augment!r}")
+    supervision = entry.get("supervision")
+    if supervision is not None and supervision not in SUPERVISIONS:
+        raise MetaError(
+            f"{meta}: dataset {name!r}: 'supervision' must be one of {', '.join(map(repr, SUPERVISIONS))} "
+            f"(or absent: text records 'all', conversations 'assistant'), got {supervision!r}"
+        )
+    weight = entry.get("weight")
+    if weight is not None:
+        weight = _number(meta, name, "weight", weight, float, 0.0)
+        if weight <= 0:
+            raise MetaError(
+                f"{meta}: dataset {name!r}: 'weight' must be > 0 (leave the dataset out to drop it), got {weight}"
+            )
     optional_int = {}
     for key in ("max_dynamic_patch", "min_dynamic_patch", "length"):
         value = entry.get(key)
@@ -106,6 +144,8 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
         repeat_time=_number(meta, name, "repeat_time", entry.get("repeat_time", 1.0), float, 0.0),
         data_augment=augment,
         meta_path=meta,
+        supervision=supervision,
+        weight=weight,
         **optional_int,
     )
 
@@ -121,7 +161,14 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
         raise MetaError(f"{meta}:{e.lineno}: not valid JSON: {e.msg}") from e
     if not isinstance(entries, dict) or not entries:
         raise MetaError(f"{meta}: expected a non-empty object {{dataset name: entry}}")
-    return [parse_entry(meta, name, entry) for name, entry in entries.items()]
+    specs = [parse_entry(meta, name, entry) for name, entry in entries.items()]
+    weighted = [s.weight is not None for s in specs]
+    if any(weighted) and not all(weighted):
+        missing = specs[weighted.index(False)].name
+        raise MetaError(
+            f"{meta}: dataset {missing!r}: 'weight' is missing; give every dataset a weight (token shares) or none"
+        )
+    return specs
 
 
 class JsonlFile:
@@ -209,15 +256,29 @@ def expand_repeat(num_lines: int, repeat_time: float, rng: random.Random) -> lis
     return indices
 
 
+def expand_count(num_lines: int, count: int, rng: random.Random) -> list[int]:
+    """Exactly ``count`` line indices: ``count // num_lines`` full copies plus a seeded random subset
+    of ``count % num_lines`` distinct lines (`expand_repeat` with an integer target, no rounding)."""
+    if count < 0 or (count and num_lines <= 0):
+        raise ValueError(f"cannot draw {count} samples from {num_lines} lines")
+    whole, extra = divmod(count, num_lines) if num_lines else (0, 0)
+    return [i for _ in range(whole) for i in range(num_lines)] + sorted(rng.sample(range(num_lines), extra))
+
+
 def build_index(specs: list[DatasetSpec], seed: int) -> list[tuple[int, int]]:
     """The epoch's sample order: ``(dataset index, record index)`` pairs, shuffled with ``seed``.
 
     Each dataset's subsample draws from its own RNG (seed, dataset position), so adding a
-    dataset to the meta file does not change which lines the others contribute.
+    dataset to the meta file does not change which lines the others contribute. A dataset's
+    ``samples_per_epoch`` (set from mixture weights) wins over its ``repeat_time``.
     """
     index: list[tuple[int, int]] = []
     for ds, spec in enumerate(specs):
         rng = random.Random(f"{seed}:{ds}:{spec.name}")
-        index.extend((ds, line) for line in expand_repeat(spec.num_records, spec.repeat_time, rng))
+        if spec.samples_per_epoch is not None:
+            lines = expand_count(spec.num_records, spec.samples_per_epoch, rng)
+        else:
+            lines = expand_repeat(spec.num_records, spec.repeat_time, rng)
+        index.extend((ds, line) for line in lines)
     random.Random(seed).shuffle(index)
     return index

@@ -16,6 +16,11 @@ colour words the other tasks already use, so a model needs a new way of looking,
 `generate_bad_samples` writes one record of every bad-input kind among good ones, for the
 bad-input accounting tests. `generate_pair_dataset` writes preference pairs (MMPR format) on the
 same scenes: the right answer chosen, another colour / shape / count rejected.
+
+`generate_text_corpus` writes a pre-training text corpus (``{"text": ...}`` lines) from a small
+grammar about the same shapes and colours: random slot fillers, deterministic structure (sentences
+that repeat, count on or add up what an earlier one said), so a model that learns the grammar
+predicts most tokens and its perplexity falls from the vocabulary size to a few.
 """
 
 from __future__ import annotations
@@ -571,3 +576,74 @@ def generate_pair_dataset(
             **extra,
         )
     return out / "meta_pairs_train.json"
+
+
+#: Relations between two shapes in the text corpus.
+RELATIONS = ("above", "below", "left of", "right of", "next to", "behind")
+
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def text_sentences(rng: random.Random) -> list[str]:
+    """One grammar unit: a sentence with random slots and what must follow it.
+
+    Four kinds: a relation restated the other way round; a count continued in words; two counts
+    added up; a shape described and then recalled. The second half of each is determined by the
+    first, which is what a model can learn.
+    """
+    colours, kind = list(COLOURS), rng.randrange(4)
+    a, b = rng.choice(SHAPES), rng.choice(SHAPES)
+    ca, cb = rng.choice(colours), rng.choice(colours)
+    if kind == 0:
+        rel = rng.choice(RELATIONS)
+        inverse = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}.get(
+            rel, rel
+        )
+        return [f"The {ca} {a} is {rel} the {cb} {b}.", f"So the {cb} {b} is {inverse} the {ca} {a}."]
+    if kind == 1:
+        start = rng.randint(0, 5)
+        words = ", ".join(_NUMBER[start : start + 5])
+        return [f"Count the {ca} {a}s: {words}."]
+    if kind == 2:
+        x, y = rng.randint(1, 4), rng.randint(1, 4)
+        return [
+            f"There are {_NUMBER[x]} {ca} {_plural(a, x)} and {_NUMBER[y]} {cb} {_plural(b, y)}.",
+            f"That makes {_NUMBER[x + y]} shapes.",
+        ]
+    return [f"I see a {ca} {a}.", f"The {a} is {ca}."]
+
+
+def text_document(rng: random.Random, min_units: int = 2, max_units: int = 4) -> str:
+    """A corpus document: a few grammar units in one paragraph."""
+    units = [" ".join(text_sentences(rng)) for _ in range(rng.randint(min_units, max_units))]
+    return " ".join(units)
+
+
+def generate_text_corpus(
+    out_dir: str | Path, *, num_train: int = 4000, num_eval: int = 200, seed: int = 0, name: str = "text"
+) -> Path:
+    """Write ``{name}_train.jsonl`` / ``{name}_eval.jsonl`` (``{"text": ...}`` lines) and
+    ``meta_{name}_train.json`` / ``meta_{name}_eval.json``; return the train meta. The held-out
+    documents never occur in the training split."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"text:{seed}")
+    seen: set[str] = set()
+    for split, n in {"train": num_train, "eval": num_eval}.items():
+        docs: list[str] = []
+        while len(docs) < n:
+            doc = text_document(rng)
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+        write_jsonl(out / f"{name}_{split}.jsonl", [{"text": d} for d in docs])
+        write_meta(
+            out / f"meta_{name}_{split}.json",
+            f"{name}_{split}",
+            f"{name}_{split}.jsonl",
+            data_augment=False,
+            length=n,
+        )
+    return out / f"meta_{name}_train.json"

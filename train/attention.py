@@ -3,8 +3,8 @@
 transformers turns restarting position ids into a dense [L, L] block-diagonal mask for sdpa, so
 a pack of L tokens costs L^2 attention however short its samples are (flash-attention's varlen
 kernel does not have that cost, but it needs a GPU). ``packed_sdpa`` reads the sample boundaries
-from the position ids (a restart = a new sample, the same rule transformers uses) and runs causal
-sdpa on each sample: attention cost grows with the samples' lengths, not the pack's. Anything else
+from the position ids (a sample starts where its position id is 0, flash-attention's rule) and runs
+causal sdpa on each sample: attention cost grows with the samples' lengths, not the pack's. Anything else
 (padding masks, tree masks, generation with a cache) falls through to transformers' sdpa.
 """
 
@@ -21,10 +21,19 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 PACKED_SDPA = "packed_sdpa"
 
 
+def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Offsets (after the first) where a packed sample starts in a single row: where its position id is 0.
+
+    Not transformers' ``diff != 1`` rule: V2PE's fractional ids (train/v2pe.py) step by δ inside a sample,
+    but still start every sample at exactly 0 (as flash-attention's ``prepare_fa_kwargs_from_position_ids``
+    assumes), and equality with 0 has no rounding to go wrong however long the sample.
+    """
+    return (position_ids.reshape(-1)[1:] == 0).nonzero().flatten() + 1
+
+
 def sample_bounds(position_ids: torch.Tensor) -> list[int]:
     """Start offsets of the packed samples (plus the end) of a single row of position ids."""
-    restarts = (torch.diff(position_ids) != 1).nonzero().flatten() + 1
-    return [0, *restarts.tolist(), int(position_ids.numel())]
+    return [0, *sample_starts(position_ids).tolist(), int(position_ids.numel())]
 
 
 def is_packed_call(

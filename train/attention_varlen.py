@@ -4,10 +4,10 @@
 CUDA in use. torch >= 2.10 ships the same varlen kernel as ``torch.nn.attention.varlen.varlen_attn``:
 all samples of a pack in one launch on the packed ``[T, H, D]`` layout, each attending only to
 itself, so attention costs what the samples cost (no dense ``[L, L]`` mask, no per-sample loop).
-The sample boundaries come from the restarting position ids, by the rule ``packed_sdpa`` uses
-(``train.attention.sample_bounds``). Whatever the kernel cannot take (CPU, float32, dropout, a
-padding or tree mask, generation with a cache) falls through to ``packed_sdpa``, which itself falls
-through to transformers' sdpa.
+The sample boundaries come from the position ids, by the rule ``packed_sdpa`` uses
+(``train.attention.sample_bounds``: a sample starts at position 0). Whatever the kernel cannot take
+(CPU, float32, dropout, a padding or tree mask, generation with a cache) falls through to
+``packed_sdpa``, which itself falls through to transformers' sdpa.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface
 
-from train.attention import is_packed_call, packed_sdpa_attention, packed_sdpa_mask
+from train.attention import is_packed_call, packed_sdpa_attention, packed_sdpa_mask, sample_starts
 
 PACKED_VARLEN = "packed_varlen"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -31,10 +31,10 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cumulative sample offsets ``[N+1]`` (int32, on the ids' device) and the longest sample's length.
 
-    A position that is not its predecessor + 1 starts a new sample (``sample_bounds``' rule).
+    A sample starts where its position id is 0 (``sample_bounds``' rule, which holds for V2PE ids too).
     """
     pos = position_ids.reshape(-1)
-    starts = (torch.diff(pos) != 1).nonzero().flatten() + 1
+    starts = sample_starts(pos)
     edge = torch.tensor([0, pos.numel()], device=pos.device, dtype=starts.dtype)
     cu = torch.cat([edge[:1], starts, edge[1:]]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())

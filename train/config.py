@@ -15,6 +15,7 @@ from data.dataset import DataConfig
 from train.lora import LoRAConfig
 from train.models import ModelConfig
 from train.objectives.mpo import MPOLossConfig
+from train.v2pe import V2PEConfig
 
 
 @dataclass
@@ -97,6 +98,7 @@ class SFTRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
+    v2pe: V2PEConfig = field(default_factory=V2PEConfig)  # visual position increment (train/v2pe.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     prepare_demo: bool = False  # generate the synthetic data and tiny checkpoint first if missing
 
@@ -122,3 +124,4 @@ def register_schemas() -> None:
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
     cs.store(group="packing", name="schema", node=PackingConfig)
+    cs.store(group="v2pe", name="schema", node=V2PEConfig)

@@ -1,5 +1,6 @@
 """Everything the demos need that a fresh machine lacks: synthetic data, the tiny random checkpoint and,
-for the MPO and LoRA demos, the SFT model they start from (trained in a subprocess)."""
+for the MPO and LoRA demos, the SFT model they start from (trained in a subprocess). The pre-training
+demo (`experiment=pretrain_demo`) is the SFT demo's images plus a text corpus, mixed by token shares."""
 
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ def prepare_demo(cfg: Any, num_train: int = 6000, num_eval: int = 200) -> None:
         return
     meta = Path(cfg.data.meta_path)
     if not meta.exists():
-        generate_demo_data(meta.parent, num_train, num_eval)
+        if meta.name == PRETRAIN_META:
+            generate_pretrain_demo_data(meta.parent, num_train, num_eval)
+        else:
+            generate_demo_data(meta.parent, num_train, num_eval)
     if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
         log.info("building the tiny random checkpoint in %s", cfg.model.pretrained)
         build_tiny_checkpoint(cfg.model.pretrained)
@@ -56,6 +60,39 @@ def generate_demo_data(folder: Path, num_train: int = 6000, num_eval: int = 200)
         task_weights=DEMO_TASKS,
         max_aspect=DEMO_MAX_ASPECT,
     )
+
+
+#: The pre-training demo's meta file names (`prepare_demo` generates its data when it is asked for).
+PRETRAIN_META, PRETRAIN_EVAL_META = "meta_pretrain_train.json", "meta_pretrain_eval.json"
+#: The pre-training demo's mixture: target shares of the tokens, text corpus vs image questions.
+PRETRAIN_WEIGHTS = {"text": 0.4, "shapes": 0.6}
+
+
+def generate_pretrain_demo_data(
+    folder: Path, num_train: int = 6000, num_eval: int = 200, num_text: int = 4000
+) -> None:
+    """The pre-training demo's data: the SFT demo's image questions plus a grammar text corpus
+    (data/synthetic.py), mixed by token shares (`PRETRAIN_WEIGHTS`) in ``meta_pretrain_train.json``;
+    ``meta_pretrain_eval.json`` holds both held-out splits (text scored by perplexity, questions by
+    exact match)."""
+    from data.synthetic import generate_text_corpus
+
+    generate_demo_data(folder, num_train, num_eval)
+    log.info("generating the synthetic text corpus in %s", folder)
+    generate_text_corpus(folder, num_train=num_text, num_eval=num_eval, seed=0)
+    for split, meta in (("train", PRETRAIN_META), ("eval", PRETRAIN_EVAL_META)):
+        entries = {
+            f"text_{split}": {"root": ".", "annotation": f"text_{split}.jsonl"},
+            f"shapes_{split}": {
+                "root": ".",
+                "annotation": f"{split}.jsonl",
+                "data_augment": split == "train",
+            },
+        }
+        if split == "train":
+            entries["text_train"]["weight"] = PRETRAIN_WEIGHTS["text"]
+            entries["shapes_train"]["weight"] = PRETRAIN_WEIGHTS["shapes"]
+        (folder / meta).write_text(json.dumps(entries, indent=2) + "\n")
 
 
 def prepare_mpo_demo(cfg: Any, sft_steps: int = 50, num_pairs: int = 3000) -> None:

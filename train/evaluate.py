@@ -5,6 +5,8 @@ the pixels down to the majority-answer baseline; the gap between the two is the 
 vision path is wired end to end. `vlmtune eval --model DIR --meta META` runs it on an exported model.
 A meta file with several datasets also gets the scores of each (``per_dataset``): one eval set can
 measure a new domain and the forgetting of an old one in the same pass (the LoRA demo does).
+Text records (``{"text": ...}``, pre-training corpora) in the meta file are scored by held-out
+perplexity instead (train/perplexity.py: ``text_perplexity``, ``text_nll``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def generate_answers(
     max_new_tokens: int,
     synced: bool,
 ) -> list[str]:
-    """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order)."""
+    """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order), with the
+    model's V2PE positions (train/v2pe.py) as in training."""
     from train.modeling import model_device_dtype, unwrap
+    from train.v2pe import prompt_position_ids
 
     inner = unwrap(model)
     device, dtype = model_device_dtype(model)
@@ -73,6 +77,7 @@ def generate_answers(
     out = inner.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention.to(device),
+        position_ids=prompt_position_ids(input_ids, attention, inner.config).to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,
@@ -105,6 +110,8 @@ def evaluate_accuracy(
         index = index[:max_samples]
     processor = SampleProcessor(data_cfg, tokenizer, tokens_per_tile)
     samples = list(iter_samples(processor, specs, index, 0, SkipReport(), training=False))
+    texts = [s for s in samples if s.get("kind") == "text"]  # pre-training text: scored by perplexity
+    samples = [s for s in samples if s.get("kind") != "text"]
     mine = samples[rank::world]
     n_batches = -(-len(samples) // (batch_size * world))  # same count on every rank (ZeRO-3 generate syncs)
     synced = world > 1
@@ -154,6 +161,10 @@ def evaluate_accuracy(
     }
     if len(specs) > 1:
         results["per_dataset"] = per_dataset_scores(records)
+    if texts:
+        from train.perplexity import text_perplexity
+
+        results.update(text_perplexity(model, texts))
     return {**results, "examples": records[:10]}
 
 

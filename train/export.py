@@ -58,6 +58,8 @@ def export_adapter(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         peft_model_of(engine).save_pretrained(out, state_dict=state, safe_serialization=True)
+        delta = getattr(unwrap(engine).config, "v2pe_delta", None)  # V2PE: no model config.json here
+        extra = {**(extra or {}), **({} if delta is None else {"v2pe_delta": float(delta)})}
         write_companions(out, tokenizer, source_dir, extra)
     if dist.is_initialized():
         dist.barrier()
@@ -89,5 +91,9 @@ def load_trained(path: str | Path, base: str | None = None) -> Any:
     base = base or PeftConfig.from_pretrained(path).base_model_name_or_path
     if not base or not Path(base).exists():
         raise ValueError(f"{path}: base model {base!r} not found; pass the base model directory")
-    model = InternVLForConditionalGeneration.from_pretrained(base, config=load_internvl_config(base))
+    config = load_internvl_config(base)
+    settings = path / "vlmtune.json"
+    if settings.exists() and "v2pe_delta" in (saved := json.loads(settings.read_text())):
+        config.v2pe_delta = saved["v2pe_delta"]  # the δ the adapters were trained with (train/v2pe.py)
+    model = InternVLForConditionalGeneration.from_pretrained(base, config=config)
     return PeftModel.from_pretrained(model, path)

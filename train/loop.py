@@ -5,12 +5,16 @@ normalisers over them and over all ranks (one all-reduce), then runs forward/bac
 Each micro-batch loss is the share of the step loss it carries, scaled by ``gas * world`` because
 DeepSpeed divides by ``gas`` in backward and averages gradients over ranks: the sum of shares is
 exactly the step's weighted mean, however the samples were split.
+
+The realised data mixture is logged too: ``tokens/<dataset>`` is the tokens (text + image) each
+dataset contributed, summed over ranks, since the previous metrics line, so the sum over the file's
+lines is the run's total per dataset (`train.metrics.MetricsLogger` adds the cumulative shares).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,18 @@ def grad_norm_before_step(engine: Any) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+def dataset_tokens(batches: list[dict], names: list[str]) -> torch.Tensor:
+    """Tokens of each dataset in ``names`` over ``batches`` (float64 [len(names)]), from the
+    ``datasets``/``sample_tokens`` each collated batch carries; batches without them count nothing."""
+    out = torch.zeros(len(names), dtype=torch.float64)
+    slot = {name: i for i, name in enumerate(names)}
+    for batch in batches:
+        for name, length in zip(batch.get("datasets", ()), batch.get("sample_tokens", ())):
+            if name in slot:
+                out[slot[name]] += length
+    return out
+
+
 def train_loop(
     engine: Any,
     objective: Any,
@@ -52,15 +68,20 @@ def train_loop(
     evaluate: Callable[[int], dict] | None = None,
     checkpoint_state: Callable[[], tuple[dict, dict]] = lambda: ({}, {}),
     skipped_count: Callable[[], int] = lambda: 0,
+    dataset_names: Sequence[str] = (),
 ) -> int:
     """Run optimizer steps ``start_step+1 .. max_steps``; returns the last step done.
 
     ``checkpoint_state()`` gives (shared, per-rank) state to save beside DeepSpeed's: the step,
     the data stream position, the objective's running state (e.g. BCO's reward shift).
+    ``dataset_names``: the meta file's datasets, in its order (the same on every rank, so the
+    per-dataset counts reduce element by element).
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     gas = gradient_accumulation_steps
     step = start_step
+    names = list(dataset_names)
+    pending = torch.zeros(len(names), dtype=torch.float64)  # per-dataset tokens since the last line
     engine.train()
     while step < max_steps:
         t0 = time.perf_counter()
@@ -83,8 +104,14 @@ def train_loop(
         step += 1
         keys = sorted(sums)
         reduced = all_reduce_sum(
-            torch.tensor([sums[k] for k in keys] + [float(skipped_count())], dtype=torch.float64)
+            torch.cat(
+                [
+                    torch.tensor([sums[k] for k in keys] + [float(skipped_count())], dtype=torch.float64),
+                    dataset_tokens(batches, names),
+                ]
+            )
         )
+        pending += reduced[len(keys) + 1 :]
         elapsed = time.perf_counter() - t0
         if step % log_every == 0 or step == max_steps:
             record: dict[str, Any] = {"step": step}
@@ -105,9 +132,11 @@ def train_loop(
                 tokens_per_s=stats["num_tokens"] / elapsed,
                 samples_per_s=stats["num_samples"] / elapsed,
                 fill=stats["num_tokens"] / max(1.0, stats["num_slots"]),
-                skipped=int(reduced[-1].item()),
+                skipped=int(reduced[len(keys)].item()),
                 step_time_s=elapsed,
             )
+            record.update({f"tokens/{name}": int(pending[i].item()) for i, name in enumerate(names)})
+            pending.zero_()
             logger.log(record, advance=log_every if step % log_every == 0 else step % log_every)
         if evaluate is not None and eval_every and step % eval_every == 0 and step < max_steps:
             results = evaluate(step)

@@ -1,12 +1,39 @@
-"""Run metrics: metrics.jsonl in the output dir (rank 0), wandb when enabled, a tqdm bar."""
+"""Run metrics: metrics.jsonl in the output dir (rank 0), wandb when enabled, a tqdm bar.
+
+The realised data mixture is read from the per-dataset ``tokens/<dataset>`` counts the loop logs
+(each line: tokens since the previous line); the logger adds ``share/<dataset>``, each dataset's
+share of all tokens trained so far, resumed runs included (the lines kept on resume are counted).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+log = logging.getLogger("vlmtune")
+TOKENS_PREFIX, SHARE_PREFIX = "tokens/", "share/"
+
+
+def dataset_token_totals(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Total tokens per dataset over metrics records (the sum of their ``tokens/<dataset>`` fields)."""
+    totals: dict[str, int] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith(TOKENS_PREFIX):
+                name = key[len(TOKENS_PREFIX) :]
+                totals[name] = totals.get(name, 0) + int(value)
+    return totals
+
+
+def shares(totals: dict[str, int]) -> dict[str, float]:
+    """Each dataset's share of the total tokens."""
+    total = sum(totals.values())
+    return {name: (n / total if total else 0.0) for name, n in totals.items()}
 
 
 class MetricsLogger:
@@ -26,6 +53,7 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.bar = None
         self.wandb = None
+        self.dataset_tokens: dict[str, int] = {}
         if not enabled:
             return
         if self.path.exists():  # keep only what the resumed state has seen
@@ -35,6 +63,7 @@ class MetricsLogger:
                 if line and json.loads(line).get("step", 0) <= start_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
+            self.dataset_tokens = dataset_token_totals(json.loads(line) for line in kept)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if wandb_cfg.enabled:
             import wandb
@@ -50,6 +79,10 @@ class MetricsLogger:
     def log(self, record: dict[str, Any], *, advance: int = 1) -> None:
         if not self.enabled:
             return
+        if any(k.startswith(TOKENS_PREFIX) for k in record):
+            for name, n in dataset_token_totals([record]).items():
+                self.dataset_tokens[name] = self.dataset_tokens.get(name, 0) + n
+            record = {**record, **{SHARE_PREFIX + k: v for k, v in shares(self.dataset_tokens).items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -63,5 +96,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.enabled and len(self.dataset_tokens) > 1:
+            log.info(
+                "realised token shares: %s",
+                ", ".join(f"{k} {v:.3f}" for k, v in shares(self.dataset_tokens).items()),
+            )
         if self.wandb is not None:
             self.wandb.finish()

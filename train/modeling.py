@@ -65,6 +65,28 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[A
     return inner.model.get_image_features(pixel_values=pixel_values, return_dict=True), real
 
 
+def v2pe_inputs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids and attention mask for the model's V2PE δ (``config.v2pe_delta``, train/v2pe.py).
+
+    δ = 1: both unchanged. δ < 1: V2PE's fractional ids; a packed row (no mask) under sdpa/eager also
+    gets its block-causal mask built here, since transformers' own would split at every image token.
+    """
+    from train.v2pe import DENSE_MASK_ATTENTION, config_delta, packed_causal_mask, v2pe_position_ids
+
+    config = unwrap(model).config
+    delta = config_delta(config)
+    if delta == 1.0:
+        return position_ids, attention_mask
+    if attention_mask is None and config._attn_implementation in DENSE_MASK_ATTENTION:
+        attention_mask = packed_causal_mask(position_ids)
+    return v2pe_position_ids(position_ids, input_ids == config.image_token_id, delta), attention_mask
+
+
 def forward_logits(
     model: torch.nn.Module,
     batch: dict[str, Any],
@@ -73,19 +95,23 @@ def forward_logits(
 ) -> torch.Tensor:
     """Logits at sequence positions ``keep`` for every row: [B, len(keep), V].
 
+    The model's V2PE δ applies here (`v2pe_inputs`), so every objective, the reference and evaluation
+    see the same positions.
     ``image_outputs`` (from ``encode_images``) lets a caller encode the tiles once and reuse them.
     """
     encoded, real = (
         image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
     )
+    position_ids, mask = v2pe_inputs(
+        model, batch["input_ids"], batch["position_ids"], batch.get("attention_mask")
+    )
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
-        "position_ids": batch["position_ids"],
-        "attention_mask": batch.get("attention_mask"),
+        "position_ids": position_ids,
+        "attention_mask": mask,
         "logits_to_keep": keep,
         "use_cache": False,
     }
-    mask = kwargs["attention_mask"]
     if mask is not None and mask.dim() == 4 and unwrap(model).config._attn_implementation == "eager":
         dtype = model_device_dtype(model)[1]  # eager adds the mask to the scores: make it additive
         kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(

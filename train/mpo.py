@@ -92,6 +92,7 @@ class MPOMethod:
         from data.dataset import iter_samples, sample_settings
         from data.report import SkipReport
         from train.reference import cache_key, cached_reference, precompute_reference
+        from train.v2pe import v2pe_key
 
         if any(spec.data_augment for spec in specs):
             raise ValueError(
@@ -101,7 +102,7 @@ class MPOMethod:
         key = cache_key(
             cfg.data.meta_path,
             cfg.model.pretrained,
-            {**sample_settings(cfg.data), "layout": self._layout(cfg)},
+            {**sample_settings(cfg.data), "layout": self._layout(cfg), **v2pe_key(engine)},
         )
         path = out_dir / "reference_logps.pt"
         if path.exists():

@@ -1,4 +1,4 @@
-"""`vlmtune report <sweep dir>`: one row per run of a sweep (e.g. the MPO ablation) and a plot.
+"""`vlmtune report <sweep dir>`: one row per run of a sweep (the MPO ablation, the V2PE δ sweep) and a plot.
 
 Reads each run's ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (when present), names the run
 by the config values that differ between runs, and writes ``report.md`` (a markdown table) and
@@ -75,11 +75,13 @@ def summarise(run: dict[str, Any], tail: float = 0.1) -> dict[str, Any]:
         "reward_accuracy": mean("rewards/accuracy"),
         "reward_margin": mean("rewards/margin"),
         "eval_accuracy": run["eval"].get("accuracy") if run["eval"] else None,
+        "eval_blank_accuracy": run["eval"].get("blank_image_accuracy") if run["eval"] else None,
     }
 
 
 def markdown_table(names: list[str], rows: list[dict[str, Any]]) -> str:
-    cols = ["steps", "loss", "reward_accuracy", "reward_margin", "eval_accuracy"]
+    """One row per run; a column no run has (rewards in an SFT sweep, eval when none ran) is left out."""
+    cols = [c for c in rows[0] if c in ("steps", "loss") or any(row[c] is not None for row in rows)]
 
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))

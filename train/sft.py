@@ -171,6 +171,9 @@ def _train(
         ZeRO-3 the reference copy too (a partitioned model cannot be deep-copied)."""
         torch.manual_seed(cfg.train.seed)
         built = build_model(cfg.model, tokenizer, lora)
+        from train.v2pe import apply_v2pe_config
+
+        apply_v2pe_config(built, cfg.v2pe)  # V2PE's δ on the config: policy, reference, eval, export
         if resolve_precision(cfg.train.precision) == "bf16" and cfg.lora.quantize is None and not partitioned:
             built = built.to(torch.bfloat16)  # (zero.Init casts itself; QLoRA's 4-bit weights can't be cast)
         return built
@@ -193,6 +196,11 @@ def _train(
 
     specs = load_meta(cfg.data.meta_path)
     processor = method.processor(cfg, tokenizer, tokens_per_tile)
+    from data.mixture import resolve_mixture
+
+    specs, mixture = resolve_mixture(specs, processor, cfg.data.seed)  # weights -> samples per epoch
+    if rank == 0 and mixture:
+        log.info("data mixture (token shares): %s", json.dumps(mixture))
     loader = SampleLoader(processor, specs, cfg.data.seed)
     report = SkipReport(out_dir / f"skipped_rank{rank}.jsonl")
 
@@ -273,6 +281,7 @@ def _train(
         evaluate=evaluate,
         checkpoint_state=checkpoint_state,
         skipped_count=lambda: report.total,
+        dataset_names=[s.name for s in specs],
     )
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": report.to_dict()}
     if cfg.train.export:
@@ -315,6 +324,8 @@ def _train(
                 e["num_samples"],
                 out_dir / "eval.json",
             )
+            if "text_perplexity" in e:
+                log.info("held-out text perplexity %.3f (%d tokens)", e["text_perplexity"], e["text_tokens"])
     return summary
 
 

@@ -124,3 +124,48 @@ def test_build_index_mixes_datasets_with_repeats(tmp_path, jsonl):
     assert sorted(line for ds, line in index if ds == 0) == sorted(list(range(10)) * 2)
     assert index == build_index(specs, seed=3)
     assert index != build_index(specs, seed=4)
+
+
+def test_mixture_keys_accepted(tmp_path, jsonl):
+    meta = write_meta(
+        tmp_path,
+        {
+            "t": {"annotation": "ann/a.jsonl", "supervision": "all", "weight": 0.4},
+            "c": {"annotation": "ann/a.jsonl", "supervision": "assistant", "weight": 3},
+        },
+    )
+    t, c = load_meta(meta)
+    assert (t.supervision, t.weight, c.supervision, c.weight) == ("all", 0.4, "assistant", 3.0)
+    assert t.samples_per_epoch is None  # set only by data.mixture from the weights
+    [plain] = load_meta(write_meta(tmp_path, {"p": {"annotation": "ann/a.jsonl"}}))
+    assert plain.supervision is None and plain.weight is None
+
+
+@pytest.mark.parametrize(
+    "entry, key",
+    [
+        ({"supervision": "everything"}, "'supervision'"),
+        ({"supervision": True}, "'supervision'"),
+        ({"weight": 0}, "'weight'"),
+        ({"weight": -0.5}, "'weight'"),
+        ({"weight": "40%"}, "'weight'"),
+    ],
+)
+def test_bad_mixture_values_name_file_dataset_and_key(tmp_path, jsonl, entry, key):
+    meta = write_meta(
+        tmp_path, {"ok": {"annotation": "ann/a.jsonl"}, "bad": {"annotation": "ann/a.jsonl", **entry}}
+    )
+    with pytest.raises(MetaError) as e:
+        load_meta(meta)
+    assert str(meta) in str(e.value) and "dataset 'bad'" in str(e.value) and key in str(e.value)
+
+
+def test_weights_on_every_dataset_or_none(tmp_path, jsonl):
+    meta = write_meta(
+        tmp_path, {"a": {"annotation": "ann/a.jsonl", "weight": 1}, "b": {"annotation": "ann/a.jsonl"}}
+    )
+    with pytest.raises(MetaError) as e:
+        load_meta(meta)
+    assert (
+        str(meta) in str(e.value) and "dataset 'b'" in str(e.value) and "'weight' is missing" in str(e.value)
+    )

@@ -1,4 +1,8 @@
-"""Supervised fine-tuning: weighted next-token NLL with token/sample/square averaging."""
+"""Supervised fine-tuning and pre-training: weighted next-token NLL with token/sample/square averaging.
+
+Pre-training needs no objective of its own: which tokens are targets (assistant turns, or every text
+token of a ``supervision: all`` dataset) is decided by the labels the data path builds.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from train.modeling import batch_to_device, forward_logits
 
 
 class SFTObjective:
-    """Next-token loss on assistant tokens; logits are computed only where a target exists."""
+    """Next-token loss on the labelled tokens; logits are computed only where a target exists."""
 
     def __init__(self, reduction: str) -> None:
         self.reduction = reduction

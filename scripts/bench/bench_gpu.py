@@ -297,6 +297,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6, help="MPO pairs per step")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument(
+        "--liger",
+        action="store_true",
+        help="add packed_varlen+liger: a second engine on a copy with model.liger_kernels (CUDA)",
+    )
+    parser.add_argument(
         "--budget-s", type=float, default=170.0, help="stop adding rounds after this (>= 2 rounds)"
     )
     args = parser.parse_args()
@@ -349,6 +354,15 @@ def main() -> None:
     optim = OptimConfig(lr=1e-5, warmup_ratio=0.0)
     train_cfg = TrainConfig(precision=precision, max_steps=10**6)
     ds_config = build_ds_config(DeepSpeedConfig(zero_stage=args.zero_stage), train_cfg, optim, world_size=1)
+    liger_engine = None
+    if args.liger and cuda:  # a copy with Liger's kernels, its own engine, stepped interleaved with the rest
+        import copy
+
+        from train.models import apply_liger_kernels
+
+        liger_model = copy.deepcopy(model)
+        apply_liger_kernels(liger_model)  # (Liger's RoPE is a module-level patch: every variant gets it)
+        liger_engine, _, _ = create_engine(liger_model, ds_config, optim, 10**6)
     engine, _, _ = create_engine(model, ds_config, optim, 10**6)
     objective = SFTObjective("square")
     gpu = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
@@ -359,17 +373,18 @@ def main() -> None:
     fwd_bwd: dict[str, list[float]] = {}
     peak_mem: dict[str, float] = {}
 
-    def variant(attn: str, gc: bool):
-        name = f"{attn}{'+gc' if gc else ''}"
+    def variant(attn: str, gc: bool, which: Any = None, suffix: str = ""):
+        name = f"{attn}{'+gc' if gc else ''}{suffix}"
         fwd_bwd[name] = []
+        eng = engine if which is None else which
 
         def run() -> float:
-            set_variant(engine, attn, gc)
+            set_variant(eng, attn, gc)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             total = 0.0
             for batch in batches:
-                fb, step_s = sft_step(engine, objective, batch)
+                fb, step_s = sft_step(eng, objective, batch)
                 fwd_bwd[name].append(fb)
                 total += step_s
             if cuda:
@@ -379,6 +394,8 @@ def main() -> None:
         return name, run
 
     variants = dict(variant(a, gc) for gc in (False, True) for a in attns)
+    if liger_engine is not None:
+        variants.update([variant(attns[0], False, liger_engine, "+liger")])
     deadline = t_start + args.budget_s
     times, rounds, errors = run_rounds(variants, args.reps, args.warmup, deadline)
 

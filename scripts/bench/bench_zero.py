@@ -18,9 +18,15 @@ parent) to a file per rank on exit: the whole process's peak, imports, model bui
 DeepSpeed's partitioning included. ``idle`` is a process that imports the same modules (torch,
 deepspeed, transformers, train.sft) and exits: its peak is subtracted to give the training part
 ("growth"). Beside the measurements, the model-state bytes per rank that ``vlmtune plan``
-(``train.plan.make_plan``) predicts for the same config, fp32, on ``nproc`` "GPUs". Note that
-vlmtune builds the full model on every rank before DeepSpeed partitions it (``zero_init=False``), so
-a ZeRO-3 rank's peak is at least the fp32 weights (4 bytes/param) whatever the partitioning.
+(``train.plan.make_plan``) predicts for the same config, fp32, on ``nproc`` "GPUs". Under ZeRO-3
+vlmtune builds the model already partitioned (``deepspeed.zero.Init``, train/engine.py).
+
+What it found (72M parameters): with DeepSpeed's default buffers a ZeRO-3 rank peaks ABOVE the ZeRO-0
+rank (1.20x), because those buffers are sized for billions of parameters (50M-element reduce and
+prefetch buckets, up to 1e9 parameters left gathered: more than this whole model) and glibc keeps
+freed gather buffers in its heap. ``--bounded-buffers`` sizes them to the model and
+``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return big frees: then 0.90x peak, 0.84x growth.
+At real sizes the buffers are a small fraction of a rank's partition.
 
 Layouts run interleaved (zero0, zero3, idle, then reversed ...) over ``--repeats`` rounds, each in
 fresh processes; per-rank figures are median [min, max] over rounds, ratios zero3 / zero0 per round.
@@ -28,6 +34,7 @@ A round of the default sizes takes about 3 minutes on 2 shared CPU cores (mostly
 DeepSpeed initialisation); peak RSS varies little between rounds, so ``--repeats 2`` is a usable check.
 
     OMP_NUM_THREADS=1 python scripts/bench/bench_zero.py [--smoke] [--out outputs/bench/zero.json]
+    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 python scripts/bench/bench_zero.py --bounded-buffers
 """
 
 from __future__ import annotations
@@ -56,6 +63,14 @@ LAYOUTS = {  # name -> (processes, Hydra overrides)
     "zero0": (1, {"deepspeed": "zero0"}),
     "zero3": (2, {"deepspeed": "zero3", "deepspeed.stage3_param_persistence_threshold": 0}),
     "zero2": (2, {"deepspeed": "zero2"}),
+}
+# DeepSpeed's ZeRO buffers sized for billions of parameters (50M-element reduce and prefetch buckets,
+# up to 1e9 parameters left gathered) hold more than this whole 72M model: sized down to the model here
+BOUNDED_BUFFERS = {
+    "deepspeed.reduce_bucket_size": 1_000_000,
+    "deepspeed.stage3_prefetch_bucket_size": 1_000_000,
+    "+deepspeed.extra.zero_optimization.stage3_max_live_parameters": 1_000_000,
+    "+deepspeed.extra.zero_optimization.stage3_max_reuse_distance": 0,
 }
 IDLE_IMPORTS = "import torch, deepspeed, transformers, train.sft, train.loop, train.engine"
 
@@ -95,6 +110,7 @@ def run_overrides(args: argparse.Namespace, layout: str, ckpt: Path, meta: Path,
     values = {
         **model_overrides(args, ckpt),
         **LAYOUTS[layout][1],
+        **(BOUNDED_BUFFERS if args.bounded_buffers and layout != "zero0" else {}),
         "data.meta_path": meta,
         "train.output_dir": out,
         "train.max_steps": args.steps,
@@ -207,7 +223,11 @@ def summarise(
         "settings": {
             k: getattr(args, k) for k in ("hidden", "layers", "intermediate", "tokens", "steps", "repeats")
         }
-        | {"threads": args.threads, "precision": "fp32", "zero2": args.zero2},
+        | {"threads": args.threads, "precision": "fp32", "zero2": args.zero2}
+        | {
+            "bounded_buffers": args.bounded_buffers,
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        },
         "runs": {"idle": idle, **runs},
     }
 
@@ -248,6 +268,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="rounds, each layout in fresh processes")
     parser.add_argument("--zero2", action="store_true", help="also run ZeRO-2 on two ranks")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    parser.add_argument(
+        "--bounded-buffers",
+        action="store_true",
+        help="ZeRO buckets and live-parameter limits sized to this small model (BOUNDED_BUFFERS)",
+    )
     parser.add_argument("--workdir", default=str(REPO / "outputs" / "bench" / "zero_work"))
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "zero.json"))
     parser.add_argument("--rank-child", help=argparse.SUPPRESS)  # child: run train.sft, write its peak

@@ -38,13 +38,14 @@ EOF
 echo "== setup took $((SECONDS - t0)) s"
 
 # correctness first: the GPU tests (test_gpu.py) and the CPU-side varlen tests (this torch's varlen signature)
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/train/test_gpu.py tests/train/test_gpu_qlora.py tests/train/test_attention_varlen.py \
+timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/train/test_gpu.py tests/train/test_gpu_qlora.py \
+    tests/train/test_gpu_liger.py tests/train/test_gpu_v2pe.py tests/train/test_attention_varlen.py \
     2>&1 | tee "$OUT/pytest.log"
 tests=${PIPESTATUS[0]}
 echo "== pytest exit $tests after $((SECONDS - t0)) s"
 
 # then speed; its table is the last thing printed
-timeout 200 python3 scripts/bench/bench_gpu.py --out "$OUT" --budget-s 110 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+timeout 200 python3 scripts/bench/bench_gpu.py --out "$OUT" --budget-s 110 ${BENCH_ARGS:---liger} 2>&1 | tee "$OUT/bench.log"
 bench=${PIPESTATUS[0]}
 echo "== pytest exit $tests, bench exit $bench, total $((SECONDS - t0)) s"
 exit $(( bench != 0 || tests != 0 ))

@@ -52,9 +52,10 @@ def test_summary_ratios_subtract_the_idle_process():
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 2026-11-26 (72M params, fp32, CPU): ZeRO-3 ranks peak 1.18x ZeRO-0's RSS (growth "
-    "1.27x) while the plan says 0.52x: every rank builds the full model first and DeepSpeed's ZeRO-3 "
-    "CPU buffers are not in the plan",
+    reason="measured 2026-11-26 (72M params, fp32, CPU, model built partitioned by zero.Init): ZeRO-3 "
+    "ranks peak 1.20x ZeRO-0's RSS (growth 1.30x) while the plan says 0.52x: DeepSpeed's buffers sized for "
+    "billions of parameters (50M-element buckets, 1e9 live parameters) hold more than this whole model, "
+    "and glibc keeps freed gather buffers (see the bounded-buffers test)",
 )
 def test_zero3_ranks_grow_less_than_zero0_by_the_planned_margin(tmp_path):
     """The real runs (minutes on 2 CPU cores): each ZeRO-3 rank's growth over an idle process is below
@@ -72,3 +73,21 @@ def test_zero3_ranks_grow_less_than_zero0_by_the_planned_margin(tmp_path):
     growth0 = lay["zero0"]["growth_mib_per_rank"][0]["median"]
     for rank in lay["zero3"]["growth_mib_per_rank"]:
         assert rank["median"] < growth0 - saved / 2
+
+
+@pytest.mark.slow
+def test_zero3_ranks_grow_less_than_zero0_with_buffers_sized_to_the_model(tmp_path):
+    """With DeepSpeed's buckets and live-parameter limit sized to the model and glibc returning freed
+    buffers (MALLOC_MMAP_THRESHOLD_), each ZeRO-3 rank grows less than the one ZeRO-0 rank (measured
+    0.84x; the plan's 0.52x counts model states only)."""
+    import os
+
+    out = tmp_path / "zero.json"
+    cmd = [sys.executable, str(SCRIPT), "--repeats", "1", "--bounded-buffers"]
+    cmd += ["--workdir", str(tmp_path / "w"), "--out", str(out)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900, env=env)
+    lay = json.loads(out.read_text())["layouts"]
+    growth0 = lay["zero0"]["growth_mib_per_rank"][0]["median"]
+    for rank in lay["zero3"]["growth_mib_per_rank"]:
+        assert rank["median"] < 0.95 * growth0

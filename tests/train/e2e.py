@@ -52,6 +52,19 @@ def sft_command(overrides: list[str], nproc: int = 1, module: str = "train.sft")
     ]
 
 
+def torchrun_script(script: Path, *args: object, nproc: int = 2) -> list[str]:
+    """A script under torchrun on this machine (``nproc`` ranks, a free rendezvous port)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(script),
+        *map(str, args),
+    ]
+
+
 def run_sft(
     overrides: list[str], nproc: int = 1, timeout: int = 600, module: str = "train.sft"
 ) -> subprocess.CompletedProcess:

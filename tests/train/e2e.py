@@ -40,27 +40,18 @@ def sft_env() -> dict[str, str]:
 def sft_command(overrides: list[str], nproc: int = 1, module: str = "train.sft") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", module, *overrides]
+    return torchrun("-m", module, *overrides, nproc=nproc)
+
+
+def torchrun(*args: object, nproc: int = 2) -> list[str]:
+    """``args`` (a script and its arguments, or -m module ...) under torchrun on this machine
+    (``nproc`` ranks, a free rendezvous port)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
-        "-m",
-        module,
-        *overrides,
-    ]
-
-
-def torchrun_script(script: Path, *args: object, nproc: int = 2) -> list[str]:
-    """A script under torchrun on this machine (``nproc`` ranks, a free rendezvous port)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        str(script),
         *map(str, args),
     ]
 

@@ -170,9 +170,9 @@ def test_two_rank_zero3_lora_exports_the_trained_adapters(small_data):
 @pytest.mark.parametrize("reduction, zero_stage", [("square", 0), ("sample", 2)])
 def test_loss_invariance_two_ranks(tmp_path, reduction, zero_stage):
     """The real loop on 2 ranks x 2 accumulation steps gives the gradient of one big packed batch."""
-    from tests.train.e2e import torchrun_script
+    from tests.train.e2e import torchrun
 
-    cmd = torchrun_script(REPO / "tests" / "train" / "dist_grad_check.py", tmp_path, reduction, zero_stage)
+    cmd = torchrun(REPO / "tests" / "train" / "dist_grad_check.py", tmp_path, reduction, zero_stage)
     proc = subprocess.run(cmd, cwd=REPO, env=sft_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())

@@ -8,12 +8,12 @@ import subprocess
 
 import torch
 
-from tests.train.e2e import REPO, sft_env, torchrun_script
+from tests.train.e2e import REPO, sft_env, torchrun
 from train.models import ModelConfig, build_model
 
 
 def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tiny_model_dir, tmp_path):
-    cmd = torchrun_script(REPO / "tests" / "train" / "zero_init_check.py", tiny_model_dir, tmp_path)
+    cmd = torchrun(REPO / "tests" / "train" / "zero_init_check.py", tiny_model_dir, tmp_path)
     proc = subprocess.run(cmd, cwd=REPO, env=sft_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

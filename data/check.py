@@ -1,32 +1,26 @@
-"""`vlmtune check-data <meta.json>`: run every record through the training path and report.
+"""Run every record of a meta file through the training path and report (`vlmtune check-data`).
 
 Each line of each dataset goes through the very `SampleProcessor` the trainer uses (no
 augmentation; `PairProcessor` for a dataset of preference pairs), so the skip counts, tile counts
 and token lengths printed here are the ones training will meet. Skips are reported, not fatal
-(exit 0); a start-up error (missing meta or annotation file, unknown meta key, unreadable model
-dir) exits 2 with the message.
+(exit 0); the command (train/commands/check_data.py) exits 2 on a start-up error (missing meta or
+annotation file, unknown meta key, unreadable model dir).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from data.dataset import DataConfig, SampleProcessor
-from data.meta import DatasetSpec, JsonlFile, MetaError, jsonl_file, load_meta
-from data.pairs import PairProcessor, is_pair_record
-from data.report import ALL_REASONS, SkipReport, SkipSample
-
-TINY_IMAGE_SIZE = 56
-TINY_TOKENS_PER_TILE = 16
+from vlmtune.data.dataset import SampleProcessor
+from vlmtune.data.meta import DatasetSpec, JsonlFile, jsonl_file
+from vlmtune.data.pairs import PairProcessor, is_pair_record
+from vlmtune.data.report import SkipReport, SkipSample
 
 
 def length_bucket(n: int) -> str:
@@ -88,25 +82,6 @@ class DatasetStats:
         }
 
 
-def load_tokenizer(model_dir: str | None) -> tuple[Any, int, int]:
-    """(tokenizer, tile size, tokens per tile) from a checkpoint dir, or the in-memory tiny tokenizer."""
-    if model_dir is None:
-        from train.tiny import build_tokenizer
-
-        return build_tokenizer(None), TINY_IMAGE_SIZE, TINY_TOKENS_PER_TILE
-    from transformers import AutoConfig, AutoTokenizer
-
-    from train.models import num_image_tokens_per_tile
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise MetaError(f"--model-dir {path}: not a directory")
-    config = AutoConfig.from_pretrained(path)
-    size = config.vision_config.image_size
-    size = size if isinstance(size, int) else int(size[0])
-    return AutoTokenizer.from_pretrained(path), size, num_image_tokens_per_tile(config)
-
-
 def holds_pairs(jf: JsonlFile, probe: int = 10) -> bool:
     """Whether an annotation file holds preference pairs: its first parseable record decides."""
     for k in range(min(probe, jf.num_records)):
@@ -157,61 +132,3 @@ def summary_table(result: dict[str, Any]) -> str:
             rows.append(f"  {name} skipped: " + ", ".join(f"{r}={c}" for r, c in d["skipped"].items()))
         rows.append(f"  {name} lengths: " + "  ".join(f"{b}:{c}" for b, c in d["length_histogram"].items()))
     return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlmtune check-data", description=__doc__.splitlines()[0])
-    parser.add_argument("meta", help="InternVL meta JSON")
-    parser.add_argument(
-        "--model-dir", help="checkpoint dir (tokenizer + config); default: the tiny tokenizer"
-    )
-    parser.add_argument("--max-length", type=int, default=DataConfig.max_length, help="drop longer samples")
-    parser.add_argument("--max-dynamic-patch", type=int, default=DataConfig.max_dynamic_patch)
-    parser.add_argument("--limit", type=int, help="scan at most this many lines per dataset")
-    parser.add_argument("--out", help="write the report as JSON here")
-    parser.add_argument(
-        "--log", help="write every skipped line (dataset, file, line, reason, detail) as jsonl"
-    )
-    args = parser.parse_args(argv)
-
-    try:
-        specs = load_meta(args.meta)
-        tokenizer, image_size, tokens_per_tile = load_tokenizer(args.model_dir)
-    except (MetaError, OSError, ValueError) as e:
-        print(f"vlmtune check-data: {e}", file=sys.stderr)
-        return 2
-
-    cfg = DataConfig(
-        meta_path=str(args.meta),
-        max_length=args.max_length,
-        image_size=image_size,
-        max_dynamic_patch=args.max_dynamic_patch,
-    )
-    report = SkipReport()
-    stats = scan(specs, SampleProcessor(cfg, tokenizer, tokens_per_tile), report, args.limit)
-    datasets = {name: st.to_dict(dict(report.by_dataset.get(name, {}))) for name, st in stats.items()}
-    result = {
-        "meta": str(Path(args.meta).absolute()),
-        "max_length": args.max_length,
-        "image_size": image_size,
-        "tokens_per_tile": tokens_per_tile,
-        "datasets": datasets,
-        "totals": {
-            "lines": sum(d["lines"] for d in datasets.values()),
-            "ok": sum(d["ok"] for d in datasets.values()),
-            "skipped": report.total,
-            "est_epoch_tokens": sum(d["est_epoch_tokens"] for d in datasets.values()),
-        },
-        "skips": report.to_dict(),
-        "reasons": ALL_REASONS,
-    }
-    print(summary_table(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if args.log:
-        report.write_log(args.log)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from data.packing import packed_position_ids
-from train.losses import IGNORE_INDEX, per_token_weight, shift_targets, token_weights
+from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.data.packing import packed_position_ids
+from vlmtune.data.token_weights import per_token_weight, shift_targets, token_weights
 
 Batch = dict[str, Any]
 
@@ -95,7 +96,7 @@ def collate_pairs(pairs: list[dict], layout: str, reduction: str) -> Batch:
     reused (``feature_index`` repeats each pair's tiles). Either way the response table says at which
     row position each response token's log-prob is read, so the objective does not see the layout.
     """
-    from data.pairs import tree_attention_mask, tree_parent_index, tree_position_ids
+    from vlmtune.data.pairs import tree_attention_mask, tree_parent_index, tree_position_ids
 
     if layout not in ("tree", "separate"):
         raise ValueError(f"mpo layout must be 'tree' or 'separate', got {layout!r}")

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from data.report import SkipSample
+from vlmtune.data.report import SkipSample
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import MISSING
 
-from data.conversation import (
+from vlmtune.data.conversation import (
     DEFAULT_SYSTEM_PROMPT,
     Record,
     TextRecord,
@@ -31,10 +31,11 @@ from data.conversation import (
     validate_record,
     validate_text_record,
 )
-from data.media import MediaError, jpeg_compress, load_image, load_video_frames
-from data.meta import DatasetSpec, jsonl_file
-from data.report import SkipReport, SkipSample
-from data.tiling import choose_grid, frames_to_tiles, image_to_tiles
+from vlmtune.data.media import MediaError, jpeg_compress, load_image, load_video_frames
+from vlmtune.data.meta import DatasetSpec, jsonl_file
+from vlmtune.data.report import SkipReport, SkipSample
+from vlmtune.data.stream import Skipped
+from vlmtune.data.tiling import choose_grid, frames_to_tiles, image_to_tiles
 
 
 @dataclass
@@ -307,12 +308,31 @@ def iter_samples(
     ``index + 1`` resumes right after it with the same samples and augmentations.
     """
     for position in range(start, len(index)):
-        ds, line = index[position]
-        spec = specs[ds]
-        try:
-            sample = processor(spec, line, sample_rng(processor.cfg.seed, position, epoch), training)
-        except SkipSample as e:
-            report.skip(spec.name, jsonl_file(spec.annotation).source(line), e.reason, e.detail)
+        sample = process_position(processor, specs, index, position, processor.cfg.seed, epoch, training)
+        if isinstance(sample, Skipped):
+            report.skip(sample.dataset, sample.source, sample.reason, sample.detail)
             continue
         sample["index"] = position
         yield sample
+
+
+def process_position(
+    processor: Any,
+    specs: Sequence[DatasetSpec],
+    index: Sequence[tuple[int, int]],
+    position: int,
+    seed: int,
+    epoch: int,
+    training: bool,
+) -> dict[str, Any] | Skipped:
+    """The sample at ``index[position]``, or why it left the pipeline (with its file:line).
+
+    Its augmentation RNG is seeded from (data seed, position, epoch) alone, so the same position gives
+    the same sample in any process: what lets workers run ahead and a resumed run rebuild its buffer.
+    """
+    ds, line = index[position]
+    spec = specs[ds]
+    try:
+        return processor(spec, line, sample_rng(seed, position, epoch), training)
+    except SkipSample as e:
+        return Skipped(spec.name, jsonl_file(spec.annotation).source(line), e.reason, e.detail)

@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from data.report import SkipSample
+from vlmtune.data.report import SkipSample
 
 #: Keys InternVL's meta files use (internvl_chat/internvl/train/internvl_chat_finetune.py,
 #: build_datasets), plus ``min_dynamic_patch`` as the per-dataset twin of ``max_dynamic_patch`` and

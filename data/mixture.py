@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from data.meta import DatasetSpec
-from data.report import SkipSample
+from vlmtune.data.meta import DatasetSpec
+from vlmtune.data.report import SkipSample
 
 
 def token_budget(

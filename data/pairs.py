@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from data.conversation import IGNORE_INDEX, tokenize_conversation, validate_media
-from data.dataset import DataConfig, load_media
-from data.meta import DatasetSpec, jsonl_file
-from data.report import SkipSample
+from vlmtune.data.conversation import IGNORE_INDEX, tokenize_conversation, validate_media
+from vlmtune.data.dataset import DataConfig, load_media
+from vlmtune.data.meta import DatasetSpec, jsonl_file
+from vlmtune.data.report import SkipSample
 
 PAIR_FIELDS = ("question", "chosen", "rejected")
 

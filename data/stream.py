@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from data.packing import best_fit_pack
+from vlmtune.data.packing import best_fit_pack
 
 Key = tuple[int, int]  # (epoch, position in the epoch's global index)
 

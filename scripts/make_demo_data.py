@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from data.synthetic import generate_pair_dataset, generate_sft_dataset
+from vlmtune.data.synthetic import generate_pair_dataset, generate_sft_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from train.models import count_parameters
-from train.tiny import build_tiny_checkpoint
+from vlmtune.train.model.build import count_parameters
+from vlmtune.train.model.tiny import build_tiny_checkpoint
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A saved tiny InternVL3 checkpoint + tokenizer + processor (built locally, nothing downloaded)."""
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     path = tmp_path_factory.mktemp("tiny_internvl")
     build_tiny_checkpoint(path)

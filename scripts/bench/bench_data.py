@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data.media import jpeg_compress, jpeg_roundtrip  # noqa: E402
-from data.tiling import image_to_tiles  # noqa: E402
 from scripts.bench.common import announce, ratio, round_order, summary, write_result  # noqa: E402
+from vlmtune.data.media import jpeg_compress, jpeg_roundtrip  # noqa: E402
+from vlmtune.data.tiling import image_to_tiles  # noqa: E402
 
 
 def _load_reference():

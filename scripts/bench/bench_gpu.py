@@ -43,12 +43,13 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import train.attention_varlen  # noqa: E402, F401  (registers packed_varlen)
-from data.collate import collate_packed, collate_pairs  # noqa: E402
+import vlmtune.train.model.attention_varlen  # noqa: E402, F401  (registers packed_varlen)
 from scripts.bench.common import announce, ratio, round_order, summary, write_result  # noqa: E402
-from train.losses import IGNORE_INDEX  # noqa: E402
-from train.modeling import batch_to_device, unwrap  # noqa: E402
-from train.models import ModelConfig, build_model, count_parameters, num_image_tokens_per_tile  # noqa: E402
+from vlmtune.data.collate import collate_packed, collate_pairs  # noqa: E402
+from vlmtune.data.conversation import IGNORE_INDEX  # noqa: E402
+from vlmtune.train.model.build import ModelConfig, build_model, count_parameters, num_image_tokens_per_tile  # noqa: E402
+from vlmtune.train.model.forward import batch_to_device  # noqa: E402
+from vlmtune.train.model.unwrap import unwrap  # noqa: E402
 
 SPEC_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense bf16, vendor datasheets
 
@@ -233,7 +234,7 @@ def sft_step(engine: Any, objective: Any, batch: dict) -> tuple[float, float]:
 
 def mpo_step(engine: Any, batch: dict) -> float:
     """Policy forward + backward of the summed response log-probs (what the layout changes) and the step."""
-    from train.objectives.mpo import response_logps
+    from vlmtune.train.objectives.mpo import response_logps
 
     sync()
     t0 = time.perf_counter()
@@ -316,16 +317,16 @@ def main() -> None:
     dtype = "bfloat16" if cuda else "float32"
     precision = "bf16" if cuda else "fp32"
 
-    from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from train.engine import build_ds_config, create_engine, init_distributed
-    from train.objectives.sft import SFTObjective
+    from vlmtune.train.objectives.sft import SFTObjective
+    from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig
+    from vlmtune.train.runtime.engine import build_ds_config, create_engine, init_distributed
 
     init_distributed()
     torch.manual_seed(0)
     cfg = load_model_config(args.model, dtype=dtype, attn_implementation="sdpa", gradient_checkpointing=False)
     tokenizer = None
     if cfg.image_token_id is None:
-        from train.tiny import build_tokenizer
+        from vlmtune.train.model.tiny import build_tokenizer
 
         tokenizer = build_tokenizer()
     t0 = time.monotonic()
@@ -358,7 +359,7 @@ def main() -> None:
     if args.liger and cuda:  # a copy with Liger's kernels, its own engine, stepped interleaved with the rest
         import copy
 
-        from train.models import apply_liger_kernels
+        from vlmtune.train.model.build import apply_liger_kernels
 
         liger_model = copy.deepcopy(model)
         apply_liger_kernels(liger_model)  # (Liger's RoPE is a module-level patch: every variant gets it)

@@ -70,8 +70,8 @@ IMAGE_SIZE = 56  # the tiny model's tile side
 
 def prepare(workdir: Path, num_pairs: int, max_dynamic_patch: int) -> tuple[Path, Path]:
     """The tiny checkpoint and ``num_pairs`` training pairs under ``workdir`` (built once, reused)."""
-    from data.synthetic import generate_pair_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_pair_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     ckpt = workdir / "tiny"
     if not (ckpt / "config.json").exists():
@@ -111,10 +111,10 @@ class VisionCounter:
 
 
 def configs(args: argparse.Namespace, ckpt: Path, meta: Path) -> Any:
-    from data.dataset import DataConfig
-    from train.config import MPORunConfig
-    from train.models import ModelConfig
-    from train.objectives.mpo import MPOLossConfig
+    from vlmtune.data.dataset import DataConfig
+    from vlmtune.train.model.build import ModelConfig
+    from vlmtune.train.objectives.mpo import MPOLossConfig
+    from vlmtune.train.runtime.config import MPORunConfig
 
     frozen = not args.train_vision
     return MPORunConfig(
@@ -134,11 +134,11 @@ def configs(args: argparse.Namespace, ckpt: Path, meta: Path) -> Any:
 def run_ours(args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]:
     import torch
 
-    from data.dataset import sample_rng
-    from data.meta import load_meta
-    from train.models import build_model, num_image_tokens_per_tile
-    from train.mpo import MPOMethod
-    from train.sft import load_tokenizer
+    from vlmtune.data.dataset import sample_rng
+    from vlmtune.data.meta import load_meta
+    from vlmtune.train.commands.mpo import MPOMethod
+    from vlmtune.train.commands.runner import load_tokenizer
+    from vlmtune.train.model.build import build_model, num_image_tokens_per_tile
 
     cfg = configs(args, ckpt, meta)
     method = MPOMethod()
@@ -179,8 +179,8 @@ def run_ours(args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]
 def trl_records(meta: Path, n: int) -> list[dict[str, Any]]:
     """The first ``n`` pairs as TRL's vision preference format (the ``<image>`` placeholder becomes
     the image entry TRL's ``prepare_multimodal_messages`` puts before the user's text)."""
-    from data.media import load_image
-    from data.meta import jsonl_file, load_meta
+    from vlmtune.data.media import load_image
+    from vlmtune.data.meta import jsonl_file, load_meta
 
     spec = load_meta(meta)[0]
     jf = jsonl_file(spec.annotation)
@@ -204,7 +204,7 @@ def run_trl(args: argparse.Namespace, ckpt: Path, meta: Path) -> dict[str, Any]:
     from transformers import AutoProcessor, InternVLForConditionalGeneration, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from train.models import apply_freezing
+    from vlmtune.train.model.build import apply_freezing
 
     cfg = configs(args, ckpt, meta)
     steps = args.warmup + args.steps

@@ -28,20 +28,22 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data.collate import collate_packed, collate_padded  # noqa: E402
-from data.packing import fill_ratio, iter_packs  # noqa: E402
 from scripts.bench.common import announce, ratio, round_order, summary, write_result  # noqa: E402
-from train.losses import IGNORE_INDEX, loss_normaliser, weighted_nll_sum  # noqa: E402
-from train.modeling import forward_logits  # noqa: E402
+from vlmtune.data.collate import collate_packed, collate_padded  # noqa: E402
+from vlmtune.data.conversation import IGNORE_INDEX  # noqa: E402
+from vlmtune.data.packing import fill_ratio, iter_packs  # noqa: E402
+from vlmtune.data.token_weights import loss_normaliser  # noqa: E402
+from vlmtune.train.model.forward import forward_logits  # noqa: E402
+from vlmtune.train.objectives.losses import weighted_nll_sum  # noqa: E402
 
 
 def demo_samples(n: int, workdir: Path) -> tuple[list[dict], object]:
     from transformers import AutoTokenizer
 
-    from data.dataset import DataConfig, SampleProcessor, sample_rng
-    from data.meta import build_index, load_meta
-    from data.synthetic import generate_sft_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.dataset import DataConfig, SampleProcessor, sample_rng
+    from vlmtune.data.meta import build_index, load_meta
+    from vlmtune.data.synthetic import generate_sft_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     meta = workdir / "data" / "meta_train.json"
     if not meta.exists():
@@ -129,7 +131,7 @@ def main() -> None:
 
     from transformers import InternVLForConditionalGeneration
 
-    import train.attention  # noqa: F401  (registers packed_sdpa)
+    import vlmtune.train.model.attention  # noqa: F401  (registers packed_sdpa)
 
     models = {
         impl: InternVLForConditionalGeneration.from_pretrained(ckpt, attn_implementation=impl).train()

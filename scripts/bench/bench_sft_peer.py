@@ -91,11 +91,11 @@ def prepare(workdir: Path, num_samples: int) -> tuple[Path, Path]:
     tile budget (``max_dynamic_patch // images`` each, data/dataset.py ``tile_limits``), while the HF
     processor tiles every image up to ``max_patches``.
     """
-    from data.synthetic import TASK_WEIGHTS, generate_sft_dataset
+    from vlmtune.data.synthetic import TASK_WEIGHTS, generate_sft_dataset
 
     ckpt = workdir / "tiny"
     if not (ckpt / "config.json").exists():
-        from train.tiny import build_tiny_checkpoint
+        from vlmtune.train.model.tiny import build_tiny_checkpoint
 
         build_tiny_checkpoint(ckpt)
     meta = workdir / f"sft_{num_samples}_single_image" / "meta_train.json"
@@ -106,9 +106,9 @@ def prepare(workdir: Path, num_samples: int) -> tuple[Path, Path]:
 
 
 def run_config(args: argparse.Namespace, ckpt: Path, meta: Path) -> Any:
-    from data.dataset import DataConfig
-    from train.config import SFTRunConfig, TrainConfig
-    from train.models import ModelConfig
+    from vlmtune.data.dataset import DataConfig
+    from vlmtune.train.model.build import ModelConfig
+    from vlmtune.train.runtime.config import SFTRunConfig, TrainConfig
 
     return SFTRunConfig(
         model=ModelConfig(pretrained=str(ckpt)),
@@ -125,9 +125,9 @@ def run_config(args: argparse.Namespace, ckpt: Path, meta: Path) -> Any:
 
 def our_samples(cfg: Any, tokenizer: Any, tokens_per_tile: int, n: int) -> list[dict]:
     """The first ``n`` records through vlmtune's sample processor, without augmentation."""
-    from data.dataset import sample_rng
-    from data.meta import load_meta
-    from train.sft import SFTMethod
+    from vlmtune.data.dataset import sample_rng
+    from vlmtune.data.meta import load_meta
+    from vlmtune.train.commands.sft import SFTMethod
 
     spec = load_meta(cfg.data.meta_path)[0]
     processor = SFTMethod().processor(cfg, tokenizer, tokens_per_tile)
@@ -151,8 +151,9 @@ def batch_tokens(batch: dict[str, Any]) -> dict[str, int]:
 
 def build_ours(args: argparse.Namespace, ckpt: Path, meta: Path) -> tuple:
     """(config, model, samples of every step, collate, objective) for our side."""
-    from train.models import build_model, num_image_tokens_per_tile
-    from train.sft import SFTMethod, load_tokenizer
+    from vlmtune.train.commands.runner import load_tokenizer
+    from vlmtune.train.commands.sft import SFTMethod
+    from vlmtune.train.model.build import build_model, num_image_tokens_per_tile
 
     cfg = run_config(args, ckpt, meta)
     method = SFTMethod()
@@ -194,9 +195,9 @@ def trl_records(meta: Path, n: int) -> list[dict[str, Any]]:
     """The first ``n`` records in TRL's vision format: ``images`` and structured ``messages`` whose
     image entries stand where vlmtune puts each ``<image>`` (its ``<img>...</img>`` is followed by the
     ``\\n`` that the processor's template writes after each image)."""
-    from data.conversation import IMAGE_PLACEHOLDER, insert_placeholders, validate_record
-    from data.media import load_image
-    from data.meta import jsonl_file, load_meta
+    from vlmtune.data.conversation import IMAGE_PLACEHOLDER, insert_placeholders, validate_record
+    from vlmtune.data.media import load_image
+    from vlmtune.data.meta import jsonl_file, load_meta
 
     roles = {"system": "system", "human": "user", "gpt": "assistant"}
     spec = load_meta(meta)[0]
@@ -340,8 +341,8 @@ def loss_check(args: argparse.Namespace, ckpt: Path, meta: Path, tmp: str) -> di
     import torch
     from transformers import AutoProcessor
 
-    from data.collate import collate_packed
-    from train.objectives.sft import SFTObjective
+    from vlmtune.data.collate import collate_packed
+    from vlmtune.train.objectives.sft import SFTObjective
 
     k = args.samples_per_step
     n = (args.warmup + args.steps) * k

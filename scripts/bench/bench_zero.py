@@ -77,8 +77,8 @@ IDLE_IMPORTS = "import torch, deepspeed, transformers, train.sft, train.loop, tr
 
 def prepare(workdir: Path, num_train: int) -> tuple[Path, Path]:
     """The tiny checkpoint (for its tokenizer) and a synthetic SFT dataset under ``workdir``."""
-    from data.synthetic import generate_sft_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_sft_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     ckpt = workdir / "tiny"
     if not (ckpt / "config.json").exists():
@@ -115,7 +115,7 @@ def run_overrides(args: argparse.Namespace, layout: str, ckpt: Path, meta: Path,
         "train.output_dir": out,
         "train.max_steps": args.steps,
         "train.save_every": 0,
-        "train.export": False,
+        "vlmtune.train.runtime.export": False,
         "train.log_every": 1,
         "data.max_length": args.tokens,
         "packing.max_tokens": args.tokens,
@@ -127,7 +127,7 @@ def run_overrides(args: argparse.Namespace, layout: str, ckpt: Path, meta: Path,
 
 def planned(args: argparse.Namespace, layout: str, ckpt: Path) -> dict[str, Any]:
     """``vlmtune plan``'s model-state bytes per rank for the same model and layout (fp32, nproc ranks)."""
-    from train.plan import Hardware, compose_config, make_plan
+    from vlmtune.train.commands.plan import Hardware, compose_config, make_plan
 
     nproc, ds = LAYOUTS[layout]
     overrides = [f"{k}={v}" for k, v in {**model_overrides(args, ckpt), **ds}.items()]
@@ -182,8 +182,8 @@ def rank_child(peaks: Path, overrides: list[str]) -> None:
         (peaks / f"rank{rank}.json").write_text(json.dumps({"rank": int(rank), "maxrss_mib": peak_rss_mib()}))
 
     atexit.register(write)
-    sys.argv = ["train.sft", *overrides]
-    runpy.run_module("train.sft", run_name="__main__", alter_sys=True)
+    sys.argv = ["vlmtune.train.commands.sft", *overrides]
+    runpy.run_module("vlmtune.train.commands.sft", run_name="__main__", alter_sys=True)
 
 
 def summarise(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from data.check import length_bucket, main
-from data.report import REASONS, SkipReport
-from data.synthetic import generate_bad_samples
+from vlmtune.data.check import length_bucket
+from vlmtune.data.report import REASONS, SkipReport
+from vlmtune.data.synthetic import generate_bad_samples
+from vlmtune.train.commands.check_data import main
 
 
 def test_check_data_json_and_log_match_the_bad_lines(tmp_path, capsys):

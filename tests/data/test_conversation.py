@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from data.conversation import (
+from tests.data.tokens import enc, image_ids
+from vlmtune.data.conversation import (
     DEFAULT_SYSTEM_PROMPT,
     IGNORE_INDEX,
     insert_placeholders,
     tokenize_conversation,
     validate_record,
 )
-from data.report import SkipSample
-from tests.data.tokens import enc, image_ids
+from vlmtune.data.report import SkipSample
 
 TOKENS_PER_TILE = 16
 

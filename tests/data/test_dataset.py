@@ -7,19 +7,19 @@ import random
 import pytest
 import torch
 
-from data.conversation import IGNORE_INDEX
-from data.dataset import DataConfig, SampleProcessor, iter_samples, sample_rng
-from data.meta import build_index, jsonl_file, load_meta
-from data.report import REASONS, SkipReport
-from data.synthetic import generate_bad_samples
-from data.tiling import image_to_tiles
+from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.data.dataset import DataConfig, SampleProcessor, iter_samples, sample_rng
+from vlmtune.data.meta import build_index, jsonl_file, load_meta
+from vlmtune.data.report import REASONS, SkipReport
+from vlmtune.data.synthetic import generate_bad_samples
+from vlmtune.data.tiling import image_to_tiles
 
 TILE, TOKENS = 56, 16
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from train.tiny import build_tokenizer
+    from vlmtune.train.model.tiny import build_tokenizer
 
     return build_tokenizer(None)
 
@@ -64,7 +64,7 @@ def test_image_sample_tensors_and_token_count(tok, bad):
     proc = processor(tok, bad.meta_path)
     sample = proc(specs[0], k, random.Random(0), training=False)
     record = jf.read(k)
-    from data.media import load_image
+    from vlmtune.data.media import load_image
 
     expected_tiles = image_to_tiles(load_image(specs[0].root / record["image"]), image_size=TILE, max_num=12)
     assert torch.equal(sample["pixel_values"], expected_tiles)
@@ -154,7 +154,7 @@ def test_multi_image_sample_concatenates_tiles_in_order(tok, bad):
         for k in range(jf.num_records)
         if jf.line_number(k) in bad.good_lines and isinstance(jf.read(k).get("image"), list)
     )
-    from data.media import load_image
+    from vlmtune.data.media import load_image
 
     paths = jf.read(k)["image"]
     parts = [

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import media
-from data.media import (
+from vlmtune.data import media
+from vlmtune.data.media import (
     MediaError,
     draw_jpeg_quality,
     jpeg_compress,

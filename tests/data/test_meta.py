@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data.meta import JsonlFile, MetaError, build_index, expand_repeat, load_meta
-from data.report import SkipSample
+from vlmtune.data.meta import JsonlFile, MetaError, build_index, expand_repeat, load_meta
+from vlmtune.data.report import SkipSample
 
 
 def write_meta(tmp: Path, entries: dict) -> Path:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from data.dataset import DataConfig, SampleProcessor, num_image_tiles
-from data.meta import build_index, expand_count, load_meta
-from data.mixture import apply_mixture, mixture_counts, resolve_mixture, token_budget, token_shares
-from data.synthetic import scene
-from data.tiling import image_to_tiles
+from vlmtune.data.dataset import DataConfig, SampleProcessor, num_image_tiles
+from vlmtune.data.meta import build_index, expand_count, load_meta
+from vlmtune.data.mixture import apply_mixture, mixture_counts, resolve_mixture, token_budget, token_shares
+from vlmtune.data.synthetic import scene
+from vlmtune.data.tiling import image_to_tiles
 
 TILE, TOKENS = 56, 16
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from data.packing import (
+from vlmtune.data.packing import (
     best_fit_pack,
     block_causal_mask,
     cu_seq_lens,

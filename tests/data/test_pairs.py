@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.check import main as check_main
-from data.conversation import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
-from data.dataset import DataConfig, SampleProcessor, iter_samples, sample_rng
-from data.meta import load_meta
-from data.pairs import (
+from tests.data.tokens import enc, image_ids
+from vlmtune.data.conversation import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
+from vlmtune.data.dataset import DataConfig, SampleProcessor, iter_samples, sample_rng
+from vlmtune.data.meta import load_meta
+from vlmtune.data.pairs import (
     PairProcessor,
     PairRecord,
     pair_as_sequences,
@@ -26,9 +26,9 @@ from data.pairs import (
     tree_position_ids,
     validate_pair,
 )
-from data.report import SkipReport, SkipSample
-from data.synthetic import scene, write_meta
-from tests.data.tokens import enc, image_ids
+from vlmtune.data.report import SkipReport, SkipSample
+from vlmtune.data.synthetic import scene, write_meta
+from vlmtune.train.commands.check_data import main as check_main
 
 TILE, TOKENS = 56, 16
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.meta import load_meta
-from data.synthetic import (
+from vlmtune.data.meta import load_meta
+from vlmtune.data.synthetic import (
     ANSWERS,
     BACKGROUNDS,
     COLOURS,
@@ -161,7 +161,7 @@ def test_pairs_deterministic_under_seed(pairs, tmp_path):
 
 
 def test_pairs_meta_and_mmpr_fields(pairs):
-    from data.pairs import validate_pair
+    from vlmtune.data.pairs import validate_pair
 
     [train] = load_meta(pairs / "meta_pairs_train.json")
     [evals] = load_meta(pairs / "meta_pairs_eval.json")

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.collate import collate_packed, collate_padded
-from data.conversation import IGNORE_INDEX, tokenize_conversation, tokenize_text
-from data.dataset import DataConfig, SampleProcessor, iter_samples
-from data.meta import load_meta
-from data.report import SkipReport, SkipSample
-from data.synthetic import scene
 from tests.data.tokens import enc, image_ids
+from vlmtune.data.collate import collate_packed, collate_padded
+from vlmtune.data.conversation import IGNORE_INDEX, tokenize_conversation, tokenize_text
+from vlmtune.data.dataset import DataConfig, SampleProcessor, iter_samples
+from vlmtune.data.meta import load_meta
+from vlmtune.data.report import SkipReport, SkipSample
+from vlmtune.data.synthetic import scene
 
 TILE, TOKENS = 56, 16
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.tiling import (
+from tests.data import reference_tiling as ref
+from vlmtune.data.tiling import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     choose_grid,
@@ -23,7 +24,6 @@ from data.tiling import (
     image_to_tiles,
     target_ratios,
 )
-from tests.data import reference_tiling as ref
 
 TOLERANCE = 0.0  # see module docstring
 

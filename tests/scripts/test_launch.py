@@ -14,8 +14,8 @@ from tests.train.e2e import REPO, base_overrides, free_port, run_sft, sft_env
 
 
 def test_two_node_torchrun_launch_equals_one_node_run(tmp_path):
-    from data.synthetic import generate_sft_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_sft_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     meta = Path(generate_sft_dataset(tmp_path / "data", num_train=32, num_eval=4, seed=3))
     ckpt = build_tiny_checkpoint(tmp_path / "tiny")

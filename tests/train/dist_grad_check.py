@@ -13,12 +13,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.collate import collate_packed  # noqa: E402
 from tests.train.helpers import make_sample, tiny_model  # noqa: E402
-from train.engine import init_distributed, shutdown_distributed  # noqa: E402
-from train.loop import train_loop  # noqa: E402
-from train.metrics import MetricsLogger  # noqa: E402
-from train.objectives.sft import SFTObjective  # noqa: E402
+from vlmtune.data.collate import collate_packed  # noqa: E402
+from vlmtune.train.objectives.sft import SFTObjective  # noqa: E402
+from vlmtune.train.runtime.engine import init_distributed, shutdown_distributed  # noqa: E402
+from vlmtune.train.runtime.loop import train_loop  # noqa: E402
+from vlmtune.train.runtime.metrics import MetricsLogger  # noqa: E402
 
 
 def main(out: Path, reduction: str, zero_stage: int) -> None:

@@ -37,7 +37,9 @@ def sft_env() -> dict[str, str]:
     return env
 
 
-def sft_command(overrides: list[str], nproc: int = 1, module: str = "train.sft") -> list[str]:
+def sft_command(
+    overrides: list[str], nproc: int = 1, module: str = "vlmtune.train.commands.sft"
+) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", module, *overrides]
     return torchrun("-m", module, *overrides, nproc=nproc)
@@ -57,7 +59,7 @@ def torchrun(*args: object, nproc: int = 2) -> list[str]:
 
 
 def run_sft(
-    overrides: list[str], nproc: int = 1, timeout: int = 600, module: str = "train.sft"
+    overrides: list[str], nproc: int = 1, timeout: int = 600, module: str = "vlmtune.train.commands.sft"
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         sft_command(overrides, nproc, module),

@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from train.losses import IGNORE_INDEX
-from train.models import ModelConfig, build_model, num_image_tokens_per_tile
+from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.train.model.build import ModelConfig, build_model, num_image_tokens_per_tile
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @lru_cache(maxsize=1)
 def tiny_tokenizer():
-    from train.tiny import build_tokenizer
+    from vlmtune.train.model.tiny import build_tokenizer
 
     return build_tokenizer()
 

@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from train.config import DeepSpeedConfig, OptimConfig, TrainConfig  # noqa: E402
-from train.engine import build_ds_config, init_distributed, partitioned_construction  # noqa: E402
-from train.models import ModelConfig, build_model, count_parameters  # noqa: E402
+from vlmtune.train.model.build import ModelConfig, build_model, count_parameters  # noqa: E402
+from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig  # noqa: E402
+from vlmtune.train.runtime.engine import build_ds_config, init_distributed, partitioned_construction  # noqa: E402
 
 
 def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:

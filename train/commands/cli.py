@@ -8,25 +8,41 @@ import sys
 # subcommand -> (module, function, one-line help). Modules are imported lazily so that
 # `vlmtune --help` and `vlmtune check-data` don't pay for torch/deepspeed imports they don't use.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "sft": ("train.sft", "main", "supervised fine-tuning (Hydra overrides, e.g. experiment=demo)"),
-    "mpo": ("train.mpo", "main", "Mixed Preference Optimization on MMPR-style pairs (Hydra overrides)"),
+    "sft": (
+        "vlmtune.train.commands.sft",
+        "main",
+        "supervised fine-tuning (Hydra overrides, e.g. experiment=demo)",
+    ),
+    "mpo": (
+        "vlmtune.train.commands.mpo",
+        "main",
+        "Mixed Preference Optimization on MMPR-style pairs (Hydra overrides)",
+    ),
     "eval": (
-        "train.evaluate",
+        "vlmtune.train.commands.eval",
         "main",
         "held-out exact-match accuracy of an exported model (+ blank-image control)",
     ),
     "merge-lora": (
-        "train.merge",
+        "vlmtune.train.commands.merge_lora",
         "main",
         "fold a LoRA adapter into its base model (refuses if the merged logits differ)",
     ),
     "plan": (
-        "train.plan",
+        "vlmtune.train.commands.plan",
         "main",
         "per-GPU memory of a layout (meta device, DeepSpeed ZeRO estimators), and a layout that fits",
     ),
-    "report": ("train.report", "main", "markdown table + plot of a sweep's runs (e.g. the MPO ablation)"),
-    "check-data": ("data.check", "main", "validate an InternVL meta file: counts per reason, lengths, tiles"),
+    "report": (
+        "vlmtune.train.commands.report",
+        "main",
+        "markdown table + plot of a sweep's runs (e.g. the MPO ablation)",
+    ),
+    "check-data": (
+        "vlmtune.train.commands.check_data",
+        "main",
+        "validate an InternVL meta file: counts per reason, lengths, tiles",
+    ),
 }
 
 

@@ -24,11 +24,10 @@ TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 def check_inputs(model: Any, tokenizer: Any, num: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Seeded prompts with 1-2 image tiles each, in the chat format the model was trained on."""
-    from train.models import num_image_tokens_per_tile
+    from vlmtune.train.model.build import num_image_tokens_per_tile, tile_size
 
     config = model.config
-    size = config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
+    size = tile_size(config.vision_config)
     g = torch.Generator().manual_seed(seed)
     per_tile = num_image_tokens_per_tile(config)
     vocab = min(len(tokenizer), config.text_config.vocab_size)
@@ -52,11 +51,11 @@ def check_inputs(model: Any, tokenizer: Any, num: int = 4, seed: int = 0) -> lis
 
 def meta_inputs(model: Any, tokenizer: Any, adapter_dir: Path, meta: str, num: int) -> list[dict]:
     """The first ``num`` usable samples of a meta file, processed the way training did."""
-    from data.dataset import SampleProcessor, iter_samples
-    from data.meta import load_meta
-    from data.report import SkipReport
-    from train.evaluate import trained_data_config
-    from train.models import num_image_tokens_per_tile
+    from vlmtune.data.dataset import SampleProcessor, iter_samples
+    from vlmtune.data.meta import load_meta
+    from vlmtune.data.report import SkipReport
+    from vlmtune.train.model.build import num_image_tokens_per_tile
+    from vlmtune.train.runtime.evaluate import trained_data_config
 
     data_cfg = trained_data_config(adapter_dir, model.config, meta)
     processor = SampleProcessor(data_cfg, tokenizer, num_image_tokens_per_tile(model.config))
@@ -97,7 +96,7 @@ def merge_lora(
     """Merge, check, write; raises (and writes nothing at ``out``) when the check fails."""
     from transformers import AutoTokenizer
 
-    from train.export import load_trained, write_companions
+    from vlmtune.train.runtime.export import load_trained, write_companions
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     if not (adapter_dir / "adapter_config.json").exists():

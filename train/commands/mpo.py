@@ -1,17 +1,16 @@
 """`vlmtune mpo`: Mixed Preference Optimization through the same runner and loop as SFT.
 
-Also `python -m train.mpo [hydra overrides]`; ablations: `vlmtune mpo -m experiment=mpo_ablation
+Also `python -m vlmtune.train.commands.mpo [hydra overrides]`; ablations: `vlmtune mpo -m experiment=mpo_ablation
 loss.preference=sigmoid,ipo,hinge` (one output dir per variant).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from train.sft import _hydra_entry, run_training
+from vlmtune.train.commands.runner import command_main, run_training
 
 
 @dataclass
@@ -35,8 +34,8 @@ class MPOMethod:
         self.layout: str | None = None
 
     def _layout(self, cfg: Any) -> str:
-        from train.models import resolve_attn_implementation
-        from train.objectives.mpo import resolve_layout
+        from vlmtune.train.model.build import resolve_attn_implementation
+        from vlmtune.train.objectives.mpo import resolve_layout
 
         if self.layout is None:
             self.layout = resolve_layout(
@@ -45,25 +44,25 @@ class MPOMethod:
         return self.layout
 
     def prepare_demo(self, cfg: Any) -> None:
-        from train.demo import prepare_mpo_demo
+        from vlmtune.train.demo.prepare import prepare_mpo_demo
 
         prepare_mpo_demo(cfg)
 
     def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Any:
-        from data.pairs import PairProcessor
+        from vlmtune.data.pairs import PairProcessor
 
         return PairWithLength(PairProcessor(cfg.data, tokenizer, tokens_per_tile), self._layout(cfg))
 
     def collate(self, cfg: Any, tokenizer: Any, model: Any):
-        from data.collate import collate_pairs
+        from vlmtune.data.collate import collate_pairs
 
         layout, reduction = self._layout(cfg), cfg.loss.generation_reduction
         return lambda pairs: collate_pairs(pairs, layout, reduction)
 
     def objective(self, cfg: Any, model: Any, ds_config: dict, rebuild: Any = None) -> Any:
         """``rebuild()`` builds the starting model again: the frozen reference under ZeRO-3."""
-        from train.objectives.mpo import MPOObjective
-        from train.reference import adapter_disabled_reference, frozen_copy_reference
+        from vlmtune.train.objectives.mpo import MPOObjective
+        from vlmtune.train.objectives.reference import adapter_disabled_reference, frozen_copy_reference
 
         if cfg.reference not in ("copy", "precomputed"):
             raise ValueError(f"reference must be 'copy' or 'precomputed', got {cfg.reference!r}")
@@ -89,10 +88,10 @@ class MPOMethod:
         import torch
         import torch.distributed as dist
 
-        from data.dataset import iter_samples, sample_settings
-        from data.report import SkipReport
-        from train.reference import cache_key, cached_reference, precompute_reference
-        from train.v2pe import v2pe_key
+        from vlmtune.data.dataset import iter_samples, sample_settings
+        from vlmtune.data.report import SkipReport
+        from vlmtune.train.model.v2pe import v2pe_key
+        from vlmtune.train.objectives.reference import cache_key, cached_reference, precompute_reference
 
         if any(spec.data_augment for spec in specs):
             raise ValueError(
@@ -131,15 +130,14 @@ class MPOMethod:
 
 
 def run_mpo(cfg: Any) -> dict[str, Any]:
-    from train.objectives.mpo import check_mpo_config
+    from vlmtune.train.objectives.mpo import check_mpo_config
 
     check_mpo_config(cfg.loss)
     return run_training(cfg, MPOMethod())
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return _hydra_entry(list(sys.argv[1:] if argv is None else argv), "mpo", run_mpo)
+    return command_main(argv, "mpo", run_mpo)
 
 
 if __name__ == "__main__":

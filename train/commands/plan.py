@@ -297,7 +297,7 @@ class ModelShapes:
 
 def model_shapes(config: Any) -> ModelShapes:
     """Read the shapes from an ``InternVLConfig``."""
-    from train.models import num_image_tokens_per_tile
+    from vlmtune.train.model.build import num_image_tokens_per_tile
 
     t, v = config.text_config, config.vision_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
@@ -441,7 +441,7 @@ def param_counts(model: torch.nn.Module) -> tuple[dict[str, int], ParamCounts]:
     its total deduplicates by ``data_ptr``, which is 0 for every tensor on the meta device, so the
     total comes from ``named_parameters`` (each shared tensor once), which agrees on a real model.
     """
-    from train.models import count_parameters, part_of
+    from vlmtune.train.model.build import count_parameters, part_of
 
     counts = count_parameters(model)
     by_part = {"vision": 0, "projector": 0, "llm": 0}
@@ -478,7 +478,7 @@ def resolve_mpo_layout(layout: str, attn_implementation: str) -> str:
     """train/objectives/mpo.py's rule; "auto" attention means flash-attention where flash_attn is installed."""
     import importlib.util
 
-    from train.objectives.mpo import resolve_layout
+    from vlmtune.train.objectives.mpo import resolve_layout
 
     if attn_implementation == "auto":
         attn_implementation = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
@@ -551,7 +551,7 @@ def mpo_workload(
 
 def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumptions = Assumptions()) -> dict:
     """Build the model on the meta device and plan memory for ``cfg`` (an SFTRunConfig / MPORunConfig)."""
-    from train.models import build_model_on_meta
+    from vlmtune.train.model.build import build_model_on_meta
 
     if method not in ("sft", "mpo"):
         raise ValueError(f"method must be sft or mpo, got {method!r}")
@@ -780,8 +780,8 @@ def compose_config(method: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from train.config import register_schemas
-    from train.sft import CONFIG_DIR
+    from vlmtune.configs import CONFIG_DIR
+    from vlmtune.train.runtime.config import register_schemas
 
     register_schemas()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None, job_name="vlmtune-plan"):

@@ -31,7 +31,7 @@ def prepare_demo(cfg: Any, num_train: int = 6000, num_eval: int = 200) -> None:
 
     With adapters enabled (`lora.*.enabled`) the demo is the LoRA demo: see `prepare_lora_demo`.
     """
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     if cfg.lora.enabled:
         prepare_lora_demo(cfg)
@@ -49,7 +49,7 @@ def prepare_demo(cfg: Any, num_train: int = 6000, num_eval: int = 200) -> None:
 
 def generate_demo_data(folder: Path, num_train: int = 6000, num_eval: int = 200) -> None:
     """The SFT demo's colour/shape data (the same files whichever demo asks for them first)."""
-    from data.synthetic import generate_sft_dataset
+    from vlmtune.data.synthetic import generate_sft_dataset
 
     log.info("generating the synthetic demo data in %s", folder)
     generate_sft_dataset(
@@ -75,7 +75,7 @@ def generate_pretrain_demo_data(
     (data/synthetic.py), mixed by token shares (`PRETRAIN_WEIGHTS`) in ``meta_pretrain_train.json``;
     ``meta_pretrain_eval.json`` holds both held-out splits (text scored by perplexity, questions by
     exact match)."""
-    from data.synthetic import generate_text_corpus
+    from vlmtune.data.synthetic import generate_text_corpus
 
     generate_demo_data(folder, num_train, num_eval)
     log.info("generating the synthetic text corpus in %s", folder)
@@ -109,7 +109,7 @@ def prepare_mpo_demo(cfg: Any, sft_steps: int = 50, num_pairs: int = 3000) -> No
     Paths follow the config: pairs beside ``data.meta_path``, the SFT demo data in the same folder,
     the tiny initial checkpoint in ``<that folder>/../tiny_init``, the weak model at ``model.pretrained``.
     """
-    from data.synthetic import generate_pair_dataset
+    from vlmtune.data.synthetic import generate_pair_dataset
 
     meta = Path(cfg.data.meta_path)
     if not meta.exists():
@@ -144,7 +144,11 @@ def run_sft_demo(overrides: list[str]) -> None:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
     }
-    subprocess.run([sys.executable, "-m", "train.sft", "experiment=demo", *overrides], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "vlmtune.train.commands.sft", "experiment=demo", *overrides],
+        check=True,
+        env=env,
+    )
 
 
 def prepare_lora_demo(cfg: Any, num_train: int = 3000, num_eval: int = 200) -> None:
@@ -160,7 +164,7 @@ def prepare_lora_demo(cfg: Any, num_train: int = 3000, num_eval: int = 200) -> N
     ``meta_train_replay.json`` beside ``data.meta_path`` mixes a tenth of the old training set into
     the new one (rehearsal against forgetting).
     """
-    from data.synthetic import generate_sft_dataset
+    from vlmtune.data.synthetic import generate_sft_dataset
 
     new = Path(cfg.data.meta_path).parent
     old = new.parent / "data"

@@ -22,7 +22,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface
 
-from train.attention import is_packed_call, packed_sdpa_attention, packed_sdpa_mask, sample_starts
+from vlmtune.train.model.attention import (
+    is_packed_call,
+    packed_sdpa_attention,
+    packed_sdpa_mask,
+    sample_starts,
+)
 
 PACKED_VARLEN = "packed_varlen"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)

@@ -84,8 +84,8 @@ def resolve_attn_implementation(name: str) -> str:
     """Pick the attention kernel; "auto" prefers FlashAttention-2 (varlen: packs cost what their
     samples cost), then torch's own varlen flash kernel on a GPU (``packed_varlen``,
     train/attention_varlen.py), else ``packed_sdpa`` (train/attention.py: sdpa per packed sample)."""
-    import train.attention  # noqa: F401  (registers packed_sdpa with transformers)
-    from train.attention_varlen import varlen_available  # (registers packed_varlen)
+    import vlmtune.train.model.attention  # noqa: F401  (registers packed_sdpa with transformers)
+    from vlmtune.train.model.attention_varlen import varlen_available  # (registers packed_varlen)
 
     if name != "auto":
         return name
@@ -112,7 +112,16 @@ def num_image_tokens_per_tile(config: InternVLConfig) -> int:
 
 
 def _pair(value: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """HF configs spell a size as an int or as [h, w]; always (h, w)."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def tile_size(vision_config: Any) -> int:
+    """The side in pixels of the square tiles the vision tower takes (``image_size``, int or [h, w])."""
+    height, width = _pair(vision_config.image_size)
+    if height != width:
+        raise ValueError(f"vision_config.image_size={vision_config.image_size}: InternVL tiles are square")
+    return height
 
 
 def _plain(mapping: Any) -> dict[str, Any]:
@@ -227,7 +236,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
         model.config.use_cache = False
     apply_freezing(model, cfg)
     if lora is not None and lora.enabled:
-        from train.lora import apply_lora
+        from vlmtune.train.model.lora import apply_lora
 
         if quantize:
             from peft import prepare_model_for_kbit_training
@@ -286,7 +295,7 @@ def build_model_on_meta(cfg: ModelConfig, tokenizer: Any = None, lora: Any = Non
         model = InternVLForConditionalGeneration(config)
         apply_freezing(model, cfg)
         if lora is not None and lora.enabled:
-            from train.lora import apply_lora
+            from vlmtune.train.model.lora import apply_lora
 
             model = apply_lora(model, lora, cfg)
     return model

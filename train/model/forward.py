@@ -17,22 +17,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The InternVLForConditionalGeneration under DeepSpeed / peft wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DeepSpeed engine
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    inner = unwrap(model)
-    emb = inner.get_input_embeddings().weight
-    return emb.device, inner.dtype
+from vlmtune.train.model.build import tile_size
+from vlmtune.train.model.unwrap import model_device_dtype, unwrap
 
 
 def batch_to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -59,8 +45,7 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[A
     inner = unwrap(model)
     real = pixel_values.numel() > 0
     if not real:
-        size = inner.config.vision_config.image_size
-        size = size[0] if isinstance(size, (list, tuple)) else size
+        size = tile_size(inner.config.vision_config)
         pixel_values = torch.zeros(1, 3, size, size, device=pixel_values.device, dtype=inner.dtype)
     return inner.model.get_image_features(pixel_values=pixel_values, return_dict=True), real
 
@@ -76,7 +61,12 @@ def v2pe_inputs(
     δ = 1: both unchanged. δ < 1: V2PE's fractional ids; a packed row (no mask) under sdpa/eager also
     gets its block-causal mask built here, since transformers' own would split at every image token.
     """
-    from train.v2pe import DENSE_MASK_ATTENTION, config_delta, packed_causal_mask, v2pe_position_ids
+    from vlmtune.train.model.v2pe import (
+        DENSE_MASK_ATTENTION,
+        config_delta,
+        packed_causal_mask,
+        v2pe_position_ids,
+    )
 
     config = unwrap(model).config
     delta = config_delta(config)

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlmtune.configs import CONFIG_DIR
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -219,7 +221,7 @@ def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFas
     return tokenizer
 
 
-TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model" / "tiny.yaml"
+TINY_CONFIG = Path(CONFIG_DIR) / "model" / "tiny.yaml"
 TINY_SEED = 0
 MAX_TILES = 12  # InternVL3's max_dynamic_patch
 
@@ -228,7 +230,7 @@ def load_tiny_model_config():
     """`configs/model/tiny.yaml` as a `ModelConfig` (through OmegaConf, as Hydra would load it)."""
     from omegaconf import OmegaConf
 
-    from train.models import ModelConfig
+    from vlmtune.train.model.build import ModelConfig
 
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(TINY_CONFIG))
     return OmegaConf.to_object(merged)
@@ -276,7 +278,7 @@ def build_tiny_checkpoint(path: str | Path) -> Path:
     """
     import torch
 
-    from train.models import build_model, num_image_tokens_per_tile
+    from vlmtune.train.model.build import build_model, num_image_tokens_per_tile, tile_size
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -288,11 +290,7 @@ def build_tiny_checkpoint(path: str | Path) -> Path:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path, safe_serialization=True)
-    image_size = _pair_first(model.config.vision_config.image_size)
+    image_size = tile_size(model.config.vision_config)
     processor = build_processor(tokenizer, image_size, num_image_tokens_per_tile(model.config))
     processor.save_pretrained(path)
     return path
-
-
-def _pair_first(value) -> int:
-    return int(value if isinstance(value, int) else value[0])

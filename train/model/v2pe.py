@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from vlmtune.train.model.unwrap import unwrap
+
 #: Attention implementations whose packed path finds samples where the position id is 0 (ours, and
 #: flash-attention's `prepare_fa_kwargs_from_position_ids`), or which get an explicit block mask from
 #: `forward_logits` (sdpa, eager). Others (e.g. flex_attention) would split packs at every image token.
@@ -60,8 +62,6 @@ def apply_v2pe_config(model: torch.nn.Module, cfg: V2PEConfig) -> float:
     """Set ``config.v2pe_delta`` of ``model`` (the InternVL model under any wrapper) from the run config;
     refuse an attention implementation whose packed path would mistake fractional ids for sample starts.
     Call it before anything copies the model (the MPO reference) so that both use the same δ."""
-    from train.modeling import unwrap
-
     config = unwrap(model).config
     delta = config_delta(config) if cfg.delta is None else float(cfg.delta)
     check_delta(delta, "config.json: v2pe_delta" if cfg.delta is None else "v2pe.delta")
@@ -127,7 +127,5 @@ def prompt_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, c
 def v2pe_key(model: torch.nn.Module) -> dict[str, float]:
     """What cached log-probs (MPO's precomputed reference) depend on from V2PE: ``{}`` at δ = 1, so the
     keys of caches made with standard positions stay valid."""
-    from train.modeling import unwrap
-
     delta = config_delta(unwrap(model).config)
     return {} if delta == 1.0 else {"v2pe_delta": delta}

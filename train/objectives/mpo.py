@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from train.losses import loss_normaliser
-from train.modeling import batch_to_device, encode_images, forward_logits
-from train.preference import RewardShift, bco_quality_loss, preference_loss
+from vlmtune.data.token_weights import loss_normaliser
+from vlmtune.train.model.forward import batch_to_device, encode_images, forward_logits
+from vlmtune.train.objectives.preference import RewardShift, bco_quality_loss, preference_loss
 
 LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 
@@ -38,8 +38,8 @@ class MPOLossConfig:
 
 def check_mpo_config(cfg: MPOLossConfig) -> None:
     """Refuse at start what would fail at the first step."""
-    from train.losses import reduction_exponent
-    from train.preference import PREFERENCE_LOSSES
+    from vlmtune.data.token_weights import reduction_exponent
+    from vlmtune.train.objectives.preference import PREFERENCE_LOSSES
 
     if cfg.preference not in PREFERENCE_LOSSES:
         raise ValueError(f"loss.preference={cfg.preference!r} is unknown; valid: {sorted(PREFERENCE_LOSSES)}")

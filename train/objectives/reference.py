@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from train.objectives.mpo import response_logps
+from vlmtune.train.objectives.mpo import response_logps
 
 
 def frozen_copy_reference(
@@ -78,7 +78,7 @@ def cache_key(meta_path: str, model_dir: str | None, data_settings: dict) -> str
     import json
     from pathlib import Path
 
-    from data.meta import load_meta
+    from vlmtune.data.meta import load_meta
 
     h = hashlib.sha256()
     h.update(Path(meta_path).read_bytes())
@@ -103,7 +103,7 @@ def precompute_reference(
     ``num_batches`` (the largest count over ranks) keeps every rank calling the model equally often,
     as ZeRO-3 needs: a rank with fewer pairs repeats its first batch and drops the result.
     """
-    from train.modeling import batch_to_device
+    from vlmtune.train.model.forward import batch_to_device
 
     out: dict[str, list[float]] = {}
     total = num_batches if num_batches is not None else -(-len(pairs) // batch_pairs)

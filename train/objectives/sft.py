@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
-from train.losses import IGNORE_INDEX, loss_normaliser, weighted_nll_sum
-from train.modeling import batch_to_device, forward_logits
+from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.data.token_weights import loss_normaliser
+from vlmtune.train.model.forward import batch_to_device, forward_logits
+from vlmtune.train.objectives.losses import weighted_nll_sum
 
 
 class SFTObjective:
@@ -35,3 +37,12 @@ class SFTObjective:
         )
         loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
         return loss, {"loss": loss.item()}
+
+    def on_step_end(self) -> None:
+        """Nothing carries over between steps."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Stateless: nothing to restore."""

@@ -60,7 +60,7 @@ def save_checkpoint(
     (ckpt_root / tag).mkdir(parents=True, exist_ok=True)
     torch.save({**per_rank, "rng": rng_state()}, ckpt_root / tag / f"vlmtune_rank{rank:05d}.pt")
     if _adapters_only(engine):  # each checkpoint is also a standard peft adapter directory
-        from train.lora import peft_model_of, trainable_state_dict
+        from vlmtune.train.model.lora import peft_model_of, trainable_state_dict
 
         state = trainable_state_dict(engine)
         if rank == 0:
@@ -101,7 +101,7 @@ def latest_complete(out_dir: Path) -> str | None:
 
 def _adapters_only(engine: Any) -> bool:
     """LoRA runs checkpoint only what trains: the frozen base comes from the pretrained directory."""
-    from train.lora import peft_model_of
+    from vlmtune.train.model.lora import peft_model_of
 
     return peft_model_of(engine) is not None
 

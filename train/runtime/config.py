@@ -11,11 +11,11 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from data.dataset import DataConfig
-from train.lora import LoRAConfig
-from train.models import ModelConfig
-from train.objectives.mpo import MPOLossConfig
-from train.v2pe import V2PEConfig
+from vlmtune.data.dataset import DataConfig
+from vlmtune.train.model.build import ModelConfig
+from vlmtune.train.model.lora import LoRAConfig
+from vlmtune.train.model.v2pe import V2PEConfig
+from vlmtune.train.objectives.mpo import MPOLossConfig
 
 
 @dataclass

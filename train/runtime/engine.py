@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig
 
 
 def use_cpu() -> bool:

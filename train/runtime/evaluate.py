@@ -2,7 +2,7 @@
 
 Blank images (every tile set to the normalised mean colour) must bring a model that really reads
 the pixels down to the majority-answer baseline; the gap between the two is the evidence that the
-vision path is wired end to end. `vlmtune eval --model DIR --meta META` runs it on an exported model.
+vision path is wired end to end. `vlmtune eval` (train/commands/eval.py) runs it on an exported model.
 A meta file with several datasets also gets the scores of each (``per_dataset``): one eval set can
 measure a new domain and the forgetting of an old one in the same pass (the LoRA demo does).
 Text records (``{"text": ...}``, pre-training corpora) in the meta file are scored by held-out
@@ -11,7 +11,6 @@ perplexity instead (train/perplexity.py: ``text_perplexity``, ``text_nll``).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.losses import IGNORE_INDEX
+from vlmtune.data.conversation import IGNORE_INDEX
 
 
 def split_prompt_answer(sample: dict, tokenizer: Any) -> tuple[torch.Tensor, str, str]:
@@ -55,8 +54,8 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order), with the
     model's V2PE positions (train/v2pe.py) as in training."""
-    from train.modeling import model_device_dtype, unwrap
-    from train.v2pe import prompt_position_ids
+    from vlmtune.train.model.unwrap import model_device_dtype, unwrap
+    from vlmtune.train.model.v2pe import prompt_position_ids
 
     inner = unwrap(model)
     device, dtype = model_device_dtype(model)
@@ -98,9 +97,9 @@ def evaluate_accuracy(
     max_new_tokens: int = 8,
 ) -> dict[str, Any]:
     """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks."""
-    from data.dataset import SampleProcessor, iter_samples
-    from data.meta import build_index, load_meta
-    from data.report import SkipReport
+    from vlmtune.data.dataset import SampleProcessor, iter_samples
+    from vlmtune.data.meta import build_index, load_meta
+    from vlmtune.data.report import SkipReport
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -162,7 +161,7 @@ def evaluate_accuracy(
     if len(specs) > 1:
         results["per_dataset"] = per_dataset_scores(records)
     if texts:
-        from train.perplexity import text_perplexity
+        from vlmtune.train.runtime.perplexity import text_perplexity
 
         results.update(text_perplexity(model, texts))
     return {**results, "examples": records[:10]}
@@ -208,42 +207,13 @@ def majority_baseline(records: list[dict]) -> float:
 def trained_data_config(model_dir: str | Path, config: Any, meta: str) -> Any:
     """A DataConfig for ``meta`` with the settings the model was trained with (its vlmtune.json:
     system prompt, tiling), so that it is prompted the way it learned."""
-    from data.dataset import DataConfig
+    from vlmtune.data.dataset import DataConfig
+    from vlmtune.train.model.build import tile_size
 
-    size = config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
+    size = tile_size(config.vision_config)
     settings_file = Path(model_dir) / "vlmtune.json"
     settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
     settings = {
         k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
     }  # JSON lists -> tuples
     return DataConfig(**{"image_size": size, **settings, "meta_path": meta})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`vlmtune eval --model DIR --meta META [--out eval.json]` on an exported HF directory."""
-    from transformers import AutoTokenizer
-
-    from train.export import load_trained
-    from train.models import num_image_tokens_per_tile
-
-    parser = argparse.ArgumentParser(prog="vlmtune eval", description=__doc__)
-    parser.add_argument(
-        "--model", required=True, help="HF-format model or LoRA adapter directory (OUTPUT_DIR/hf or /adapter)"
-    )
-    parser.add_argument("--base", default=None, help="base model of an adapter (default: its adapter_config)")
-    parser.add_argument("--meta", required=True, help="InternVL meta JSON of the held-out split")
-    parser.add_argument("--out", default=None, help="where to write eval.json (default: print only)")
-    parser.add_argument("--max-samples", type=int, default=None)
-    args = parser.parse_args(argv)
-    model = load_trained(args.model, args.base)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data_cfg = trained_data_config(args.model, model.config, args.meta)
-    results = evaluate_accuracy(
-        model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples
-    )
-    text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
-    return 0

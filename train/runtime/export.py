@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from train.modeling import unwrap
+from vlmtune.train.model.unwrap import unwrap
 
 PROCESSOR_FILES = (
     "processor_config.json",
@@ -50,7 +50,7 @@ def export_adapter(
     engine: Any, tokenizer: Any, out: Path, *, source_dir: str | None = None, extra: dict | None = None
 ) -> Path | None:
     """Write the peft adapter directory (adapters + fully trained parts) to ``out``; every rank calls it."""
-    from train.lora import peft_model_of, trainable_state_dict
+    from vlmtune.train.model.lora import peft_model_of, trainable_state_dict
 
     out = Path(out)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -81,7 +81,7 @@ def load_trained(path: str | Path, base: str | None = None) -> Any:
     (``base`` or the adapter config's ``base_model_name_or_path``)."""
     from transformers import InternVLForConditionalGeneration
 
-    from train.models import load_internvl_config
+    from vlmtune.train.model.build import load_internvl_config
 
     path = Path(path)
     if not (path / "adapter_config.json").exists():

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import save_checkpoint
-from train.metrics import MetricsLogger
+from vlmtune.train.objectives import Objective
+from vlmtune.train.runtime.checkpoint import save_checkpoint
+from vlmtune.train.runtime.metrics import MetricsLogger
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def dataset_tokens(batches: list[dict], names: list[str]) -> torch.Tensor:
 
 def train_loop(
     engine: Any,
-    objective: Any,
+    objective: Objective,
     micro_batches: Iterator[list[dict]],
     collate: Callable[[list[dict]], dict],
     *,
@@ -99,8 +100,7 @@ def train_loop(
                 sums[k] = sums.get(k, 0.0) + float(v)
             for k in ("num_tokens", "num_samples", "num_slots"):
                 sums[k] = sums.get(k, 0.0) + float(batch[k])
-        if hasattr(objective, "on_step_end"):
-            objective.on_step_end()
+        objective.on_step_end()
         step += 1
         keys = sorted(sums)
         reduced = all_reduce_sum(

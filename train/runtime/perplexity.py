@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.collate import collate_packed
-from train.losses import IGNORE_INDEX, weighted_nll_sum
-from train.modeling import batch_to_device, forward_logits
+from vlmtune.data.collate import collate_packed
+from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.train.model.forward import batch_to_device, forward_logits
+from vlmtune.train.objectives.losses import weighted_nll_sum
 
 
 def perplexity(nll_sum: float, num_tokens: float) -> float:

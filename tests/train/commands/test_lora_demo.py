@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from data.meta import load_meta
-from data.synthetic import COLOURS, generate_sft_dataset
 from tests.train.e2e import run_sft
-from train.demo import DEMO_MAX_ASPECT, DEMO_TASKS, LORA_DEMO_TASKS, prepare_lora_demo
-from train.evaluate import per_dataset_scores
+from vlmtune.data.meta import load_meta
+from vlmtune.data.synthetic import COLOURS, generate_sft_dataset
+from vlmtune.train.demo.prepare import DEMO_MAX_ASPECT, DEMO_TASKS, LORA_DEMO_TASKS, prepare_lora_demo
+from vlmtune.train.runtime.evaluate import per_dataset_scores
 
 
 def test_per_dataset_scores_by_hand():
@@ -86,7 +86,7 @@ def test_prepare_lora_demo_writes_eval_and_replay_metas(tmp_path):
 def test_lora_demo_learns_the_new_domain(tmp_path):
     """A short SFT demo model, then `experiment=demo_lora` (shortened): the background colour, never
     asked before, goes from about chance to near perfect, read from the pixels (blank images stay low)."""
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     old = tmp_path / "data"
     generate_sft_dataset(

@@ -6,7 +6,7 @@ import json
 from types import SimpleNamespace
 
 from tests.train.e2e import run_sft
-from train.demo import generate_demo_data, prepare_mpo_demo
+from vlmtune.train.demo.prepare import generate_demo_data, prepare_mpo_demo
 
 
 def test_mpo_demo_raises_held_out_accuracy(tmp_path, monkeypatch):
@@ -26,7 +26,7 @@ def test_mpo_demo_raises_held_out_accuracy(tmp_path, monkeypatch):
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         monkeypatch.setenv(key, value)  # the weak SFT run is a subprocess of prepare_mpo_demo
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     data = tmp_path / "data"
     generate_demo_data(data, num_train=1500, num_eval=100)  # the SFT demo's data, smaller
@@ -51,7 +51,7 @@ def test_mpo_demo_raises_held_out_accuracy(tmp_path, monkeypatch):
             f"eval_data.meta_path={data / 'meta_eval.json'}",
             "train.max_steps=120",
         ],
-        module="train.mpo",
+        module="vlmtune.train.commands.mpo",
     )
     results = json.loads((out / "eval.json").read_text())
     before = results["before"]

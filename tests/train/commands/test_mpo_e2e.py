@@ -14,8 +14,8 @@ from tests.train.e2e import LORA, ZERO3, base_overrides, run_sft
 
 @pytest.fixture(scope="module")
 def pair_data(tmp_path_factory):
-    from data.synthetic import generate_pair_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_pair_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("mpo_e2e")
     meta = generate_pair_dataset(root / "data", num_train=48, num_eval=8, seed=2)
@@ -52,7 +52,7 @@ def test_two_rank_zero3_mpo_run_logs_every_term(pair_data, variant):
         base_overrides(ckpt, meta, out, **extra),
         nproc=2,
         timeout=900,
-        module="train.mpo",
+        module="vlmtune.train.commands.mpo",
     )
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -71,9 +71,18 @@ def test_reward_shift_and_weights_survive_resume(pair_data):
     root, meta, ckpt = pair_data
     constant_lr = {"optim.min_lr_ratio": 1.0, "train.save_every": 2}
     ref, resumed = root / "ref", root / "resumed"
-    run_sft(base_overrides(ckpt, meta, ref, **{"train.max_steps": 4, **constant_lr}), module="train.mpo")
-    run_sft(base_overrides(ckpt, meta, resumed, **{"train.max_steps": 2, **constant_lr}), module="train.mpo")
-    run_sft(base_overrides(ckpt, meta, resumed, **{"train.max_steps": 4, **constant_lr}), module="train.mpo")
+    run_sft(
+        base_overrides(ckpt, meta, ref, **{"train.max_steps": 4, **constant_lr}),
+        module="vlmtune.train.commands.mpo",
+    )
+    run_sft(
+        base_overrides(ckpt, meta, resumed, **{"train.max_steps": 2, **constant_lr}),
+        module="vlmtune.train.commands.mpo",
+    )
+    run_sft(
+        base_overrides(ckpt, meta, resumed, **{"train.max_steps": 4, **constant_lr}),
+        module="vlmtune.train.commands.mpo",
+    )
     a, b = _metrics(ref), _metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -95,10 +104,10 @@ def test_precomputed_reference_run_equals_live_reference_run(pair_data):
     entries = json.loads(meta.read_text())
     plain.write_text(json.dumps({k: {**v, "data_augment": False} for k, v in entries.items()}))
     live, cached = root / "live", root / "cached"
-    run_sft(base_overrides(ckpt, plain, live, **{"train.max_steps": 3}), module="train.mpo")
+    run_sft(base_overrides(ckpt, plain, live, **{"train.max_steps": 3}), module="vlmtune.train.commands.mpo")
     run_sft(
         base_overrides(ckpt, plain, cached, **{"train.max_steps": 3, "reference": "precomputed"}),
-        module="train.mpo",
+        module="vlmtune.train.commands.mpo",
     )
     assert (cached / "reference_logps.pt").exists()
     for a, b in zip(_metrics(live), _metrics(cached)):
@@ -110,5 +119,5 @@ def test_precomputed_reference_run_equals_live_reference_run(pair_data):
             base_overrides(
                 ckpt, meta, root / "refused", **{"train.max_steps": 1, "reference": "precomputed"}
             ),
-            module="train.mpo",
+            module="vlmtune.train.commands.mpo",
         )

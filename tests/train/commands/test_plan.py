@@ -1,4 +1,4 @@
-"""train.plan: parameter counts on the meta device against the published totals, model-state memory
+"""vlmtune.train.commands.plan: parameter counts on the meta device against the published totals, model-state memory
 against DeepSpeed's own ZeRO estimators, freezing/LoRA against hand counts, the fit/suggestion logic on a
 hand-made case, and the `vlmtune plan` CLI end to end."""
 
@@ -11,10 +11,8 @@ import re
 
 import pytest
 
-from tests.train.test_models import PUBLISHED_LLM, PUBLISHED_TOTAL, PUBLISHED_VISION, load_model_config
-from train.lora import LoRAConfig
-from train.models import build_model_on_meta
-from train.plan import (
+from tests.train.model.test_build import PUBLISHED_LLM, PUBLISHED_TOTAL, PUBLISHED_VISION, load_model_config
+from vlmtune.train.commands.plan import (
     BYTES_PER_PARAM,
     LayerShape,
     Layout,
@@ -29,6 +27,8 @@ from train.plan import (
     suggest_layout,
     tiles_per_image,
 )
+from vlmtune.train.model.build import build_model_on_meta
+from vlmtune.train.model.lora import LoRAConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -53,8 +53,8 @@ def test_largest_layer_and_total_follow_deepspeeds_model_to_params() -> None:
     from deepspeed.runtime.zero.stage3 import model_to_params
     from transformers import InternVLForConditionalGeneration
 
-    from train.models import build_internvl_config
-    from train.tiny import load_tiny_model_config
+    from vlmtune.train.model.build import build_internvl_config
+    from vlmtune.train.model.tiny import load_tiny_model_config
 
     cfg = load_tiny_model_config()
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def _tiny_lora(llm_r: int, vision_r: int) -> LoRAConfig:
 def test_lora_trainable_is_r_times_in_plus_out_per_target(llm_r, vision_r) -> None:
     """Tiny config (configs/model/tiny.yaml): LLM h=128, 4 heads / 2 kv heads (kv width 64), MLP 256,
     2 layers; vision h=64, MLP 256, 2 layers. Every other part frozen."""
-    from train.tiny import load_tiny_model_config
+    from vlmtune.train.model.tiny import load_tiny_model_config
 
     cfg = dataclasses.replace(
         load_tiny_model_config(), freeze_vision=True, freeze_projector=True, freeze_llm=True

@@ -8,8 +8,13 @@ import json
 import pytest
 
 from tests.train.e2e import run_sft
-from train.demo import PRETRAIN_EVAL_META, PRETRAIN_META, PRETRAIN_WEIGHTS, generate_pretrain_demo_data
-from train.metrics import dataset_token_totals, shares
+from vlmtune.train.demo.prepare import (
+    PRETRAIN_EVAL_META,
+    PRETRAIN_META,
+    PRETRAIN_WEIGHTS,
+    generate_pretrain_demo_data,
+)
+from vlmtune.train.runtime.metrics import dataset_token_totals, shares
 
 STEPS = 250
 
@@ -26,7 +31,7 @@ def test_pretrain_demo_improves_text_perplexity_and_image_accuracy(tmp_path):
     > 9 sd above it; the *same* model on blank images stays <= 0.45 [0.28]: the gain is read from
     the pixels. The realised token shares are the meta file's weights within 0.03 [text 0.409].
     """
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     data = tmp_path / "data"
     generate_pretrain_demo_data(data, num_train=1500, num_eval=100, num_text=1500)
@@ -42,7 +47,7 @@ def test_pretrain_demo_improves_text_perplexity_and_image_accuracy(tmp_path):
             f"eval_data.meta_path={data / PRETRAIN_EVAL_META}",
             f"train.max_steps={STEPS}",
             "train.save_every=0",
-            "train.export=false",
+            "vlmtune.train.runtime.export=false",
         ]
     )
     results = json.loads((out / "eval.json").read_text())

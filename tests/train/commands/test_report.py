@@ -8,10 +8,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import register_schemas
-from train.objectives.mpo import MPOLossConfig, check_mpo_config
-from train.report import main as report_main
-from train.sft import CONFIG_DIR
+from vlmtune.configs import CONFIG_DIR
+from vlmtune.train.commands.report import main as report_main
+from vlmtune.train.objectives.mpo import MPOLossConfig, check_mpo_config
+from vlmtune.train.runtime.config import register_schemas
 
 
 def _fake_run(root, name, preference, losses, accuracies, eval_accuracy=None):

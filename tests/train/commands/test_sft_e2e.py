@@ -17,8 +17,8 @@ from tests.train.e2e import LORA, REPO, ZERO3, base_overrides, run_sft, sft_comm
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from data.synthetic import generate_sft_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_sft_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sft_e2e")
     meta = generate_sft_dataset(root / "data", num_train=64, num_eval=16, seed=1)
@@ -78,7 +78,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(small_data, variant):
 
 def _rank_split_dataset(root: Path, meta: Path, world: int = 2, n: int = 32) -> Path:
     """A dataset whose shuffled index gives rank 0 only image samples and rank 1 only pure text."""
-    from data.meta import build_index, load_meta
+    from vlmtune.data.meta import build_index, load_meta
 
     records = [json.loads(line) for line in (meta.parent / "train.jsonl").read_text().splitlines()]
     images = [r for r in records if "image" in r]

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.attention import packed_sdpa_attention, sample_bounds
-from train.attention_varlen import cu_seqlens, packed_varlen_attention, varlen_packed
+from vlmtune.train.model.attention import packed_sdpa_attention, sample_bounds
+from vlmtune.train.model.attention_varlen import cu_seqlens, packed_varlen_attention, varlen_packed
 
 varlen = pytest.importorskip("torch.nn.attention.varlen")
 
@@ -58,9 +58,9 @@ def _reference_kernel(calls: list):
 )
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_varlen_plumbing_equals_per_sample_causal_attention(kv_heads, options, monkeypatch):
-    import train.attention_varlen
+    from vlmtune.train.model import attention_varlen
 
-    monkeypatch.setattr(train.attention_varlen, "_kernel_options", lambda: options)
+    monkeypatch.setattr(attention_varlen, "_kernel_options", lambda: options)
     g = torch.Generator().manual_seed(0)
     lengths = [5, 1, 9, 3]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -86,7 +86,7 @@ def test_varlen_plumbing_equals_per_sample_causal_attention(kv_heads, options, m
 
 
 def test_a_kernel_without_scale_takes_only_the_default(monkeypatch):
-    import train.attention_varlen as av
+    import vlmtune.train.model.attention_varlen as av
 
     monkeypatch.setattr(av, "_kernel_options", lambda: ({"is_causal": True}, False, False))
     assert av.kernel_takes_scaling(None, 64) and av.kernel_takes_scaling(64**-0.5, 64)

@@ -1,4 +1,4 @@
-"""train.models: real-size configs against published parameter counts, the tiny model's forward/backward,
+"""vlmtune.train.model.build: real-size configs against published parameter counts, the tiny model's forward/backward,
 freezing, and save -> from_pretrained."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from train.models import (
+from vlmtune.train.model.build import (
     ModelConfig,
     apply_freezing,
     build_model,
@@ -19,7 +19,7 @@ from train.models import (
     num_image_tokens_per_tile,
     part_of,
 )
-from train.tiny import build_tokenizer, load_tiny_model_config
+from vlmtune.train.model.tiny import build_tokenizer, load_tiny_model_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -227,7 +227,7 @@ def test_gradient_checkpointing_flag(tokenizer) -> None:
 
 def test_liger_kernels_refused_without_cuda(monkeypatch):
     """A CPU run asking for Liger's Triton kernels stops at model build, saying why."""
-    from train.models import apply_liger_kernels
+    from vlmtune.train.model.build import apply_liger_kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):

@@ -16,12 +16,13 @@ import json
 import pytest
 import torch
 
-import train.attention_varlen  # noqa: F401  (registers packed_varlen)
-from data.collate import collate_packed
+import vlmtune.train.model.attention_varlen  # noqa: F401  (registers packed_varlen)
 from tests.train.helpers import make_sample, tiny_model
-from train.attention import packed_sdpa_attention
-from train.losses import loss_normaliser, weighted_nll_sum
-from train.modeling import batch_to_device, forward_logits
+from vlmtune.data.collate import collate_packed
+from vlmtune.data.token_weights import loss_normaliser
+from vlmtune.train.model.attention import packed_sdpa_attention
+from vlmtune.train.model.forward import batch_to_device, forward_logits
+from vlmtune.train.objectives.losses import weighted_nll_sum
 
 pytestmark = pytest.mark.gpu
 
@@ -95,7 +96,7 @@ def test_packed_equals_unpacked_in_bf16(attn):
 def test_packed_varlen_runs_the_kernel_once_per_layer(monkeypatch):
     import torch.nn.attention.varlen as varlen
 
-    import train.attention_varlen as av
+    import vlmtune.train.model.attention_varlen as av
 
     kernel_calls, fallthrough = [], []
     real_kernel, real_fallback = varlen.varlen_attn, av.packed_sdpa_attention
@@ -113,7 +114,7 @@ def test_packed_varlen_runs_the_kernel_once_per_layer(monkeypatch):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 64), (8, 8, 128)])  # InternVL3-1B's LLM; MHA
 def test_varlen_kernel_equals_fp32_per_sample_attention(heads, kv_heads, head_dim):
-    from train.attention_varlen import varlen_packed
+    from vlmtune.train.model.attention_varlen import varlen_packed
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     lengths = [700, 1, 130, 2000, 64, 3]
@@ -144,11 +145,16 @@ def test_varlen_kernel_equals_fp32_per_sample_attention(heads, kv_heads, head_di
 
 
 def test_sft_steps_through_the_engine_learn_in_bf16(tmp_path):
-    from train.config import DeepSpeedConfig, OptimConfig, TrainConfig, WandbConfig
-    from train.engine import build_ds_config, create_engine, init_distributed, shutdown_distributed
-    from train.loop import train_loop
-    from train.metrics import MetricsLogger
-    from train.objectives.sft import SFTObjective
+    from vlmtune.train.objectives.sft import SFTObjective
+    from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig, WandbConfig
+    from vlmtune.train.runtime.engine import (
+        build_ds_config,
+        create_engine,
+        init_distributed,
+        shutdown_distributed,
+    )
+    from vlmtune.train.runtime.loop import train_loop
+    from vlmtune.train.runtime.metrics import MetricsLogger
 
     steps = 20
     init_distributed()

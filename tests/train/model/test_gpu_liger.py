@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from tests.train.test_gpu import GRAD_TOL, LOGIT_TOL, _flat, _model, _run, _samples, rel
-from train.models import apply_liger_kernels
+from tests.train.model.test_gpu import GRAD_TOL, LOGIT_TOL, _flat, _model, _run, _samples, rel
+from vlmtune.train.model.build import apply_liger_kernels
 
 pytestmark = pytest.mark.gpu
 

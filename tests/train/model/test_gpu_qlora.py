@@ -32,8 +32,8 @@ QLORA = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.synthetic import generate_sft_dataset
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_sft_dataset
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("qlora")
     meta = generate_sft_dataset(root / "data", num_train=64, num_eval=8, seed=1)
@@ -44,8 +44,8 @@ def test_qlora_model_has_4bit_llm_and_full_precision_vision(data):
     from omegaconf import OmegaConf
 
     from tests.train.helpers import tiny_model_config, tiny_tokenizer
-    from train.lora import LoRAConfig
-    from train.models import build_model
+    from vlmtune.train.model.build import build_model
+    from vlmtune.train.model.lora import LoRAConfig
 
     _, _, ckpt = data
     lora = OmegaConf.to_object(

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.train.test_gpu import GRAD_TOL, LOGIT_TOL, _flat, _model, _run, _samples, rel
+from tests.train.model.test_gpu import GRAD_TOL, LOGIT_TOL, _flat, _model, _run, _samples, rel
 
 pytestmark = pytest.mark.gpu
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.collate import collate_packed
 from tests.train.helpers import make_sample, tiny_model_config, tiny_tokenizer
-from train.lora import LoRAConfig, LoRAPartConfig, peft_config
-from train.models import build_model, count_parameters
-from train.objectives.sft import SFTObjective
+from vlmtune.data.collate import collate_packed
+from vlmtune.train.model.build import build_model, count_parameters
+from vlmtune.train.model.lora import LoRAConfig, LoRAPartConfig, peft_config
+from vlmtune.train.objectives.sft import SFTObjective
 
 
 def lora_config(*parts: str, r: int = 4, vision_r: int = 2) -> LoRAConfig:
@@ -96,7 +96,7 @@ def test_trainable_count_is_the_hand_computed_adapter_size():
 
 
 def _logits(model, batch) -> torch.Tensor:
-    from train.modeling import forward_logits
+    from vlmtune.train.model.forward import forward_logits
 
     model.eval()
     with torch.no_grad():
@@ -106,7 +106,7 @@ def _logits(model, batch) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained_adapter(tiny_model_dir, tmp_path_factory):
     """A LoRA (llm + vision) + full projector model trained a few steps, exported as a peft directory."""
-    from train.export import export_adapter
+    from vlmtune.train.runtime.export import export_adapter
 
     model = lora_model(("llm", "vision"), pretrained=tiny_model_dir)
     train_steps(model, steps=4, lr=3e-2)
@@ -131,7 +131,7 @@ def test_adapter_dir_loads_over_the_base_with_the_same_logits(trained_adapter, t
 def test_merge_gives_the_adapter_models_logits(trained_adapter, tmp_path):
     from transformers import InternVLForConditionalGeneration
 
-    from train.merge import merge_lora
+    from vlmtune.train.commands.merge_lora import merge_lora
 
     model, adapter = trained_adapter
     check = merge_lora(adapter, tmp_path / "merged")
@@ -145,7 +145,7 @@ def test_merge_gives_the_adapter_models_logits(trained_adapter, tmp_path):
 def test_merge_refuses_when_merged_logits_differ(trained_adapter, tmp_path, monkeypatch):
     from peft.tuners.lora import LoraModel
 
-    from train.merge import merge_lora
+    from vlmtune.train.commands.merge_lora import merge_lora
 
     original = LoraModel.merge_and_unload
 
@@ -166,10 +166,10 @@ def test_adapter_disabled_reference_is_the_starting_model(trained_adapter, tiny_
     """MPO with LoRA: the policy with adapters off gives the untrained model's log-probs."""
     from transformers import InternVLForConditionalGeneration
 
-    from data.collate import collate_pairs
-    from tests.train.test_mpo import make_pairs
-    from train.objectives.mpo import response_logps
-    from train.reference import adapter_disabled_reference
+    from tests.train.objectives.test_mpo import make_pairs
+    from vlmtune.data.collate import collate_pairs
+    from vlmtune.train.objectives.mpo import response_logps
+    from vlmtune.train.objectives.reference import adapter_disabled_reference
 
     model, _ = trained_adapter
     batch = collate_pairs(make_pairs(model), "tree", "token")
@@ -183,7 +183,7 @@ def test_adapter_disabled_reference_is_the_starting_model(trained_adapter, tiny_
 
 
 def test_lora_config_refusals():
-    from train.lora import check_lora_config
+    from vlmtune.train.model.lora import check_lora_config
 
     bad = LoRAConfig(llm=LoRAPartConfig(enabled=True, r=0, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="lora.llm"):

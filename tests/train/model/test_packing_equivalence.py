@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.collate import collate_packed, collate_padded
 from tests.train.helpers import make_sample, tiny_model
-from train.losses import loss_normaliser, weighted_nll_sum
-from train.modeling import forward_logits
+from vlmtune.data.collate import collate_packed, collate_padded
+from vlmtune.data.token_weights import loss_normaliser
+from vlmtune.train.model.forward import forward_logits
+from vlmtune.train.objectives.losses import weighted_nll_sum
 
 
 def _samples(model):
@@ -67,7 +68,7 @@ def test_padded_batch_equals_packed_loss(reduction, attn):
 
 
 def test_sample_bounds_from_restarting_positions():
-    from train.attention import sample_bounds
+    from vlmtune.train.model.attention import sample_bounds
 
     assert sample_bounds(torch.tensor([0, 1, 2, 0, 0, 1])) == [0, 3, 4, 6]
     assert sample_bounds(torch.tensor([0, 1, 2, 3])) == [0, 4]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.tiling import image_to_tiles
-from train.tiny import GROUNDING_TOKENS, SPECIAL_TOKENS, build_tokenizer
+from vlmtune.data.tiling import image_to_tiles
+from vlmtune.train.model.tiny import GROUNDING_TOKENS, SPECIAL_TOKENS, build_tokenizer
 
 TILE = 56
 TOKENS_PER_TILE = 16
@@ -147,7 +147,7 @@ def test_checkpoint_logits_are_reproducible(tiny_model_dir, tmp_path) -> None:
     """Same seed, same weights: a second build gives the identical checkpoint."""
     from transformers import InternVLForConditionalGeneration
 
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     build_tiny_checkpoint(tmp_path)
     a = InternVLForConditionalGeneration.from_pretrained(tiny_model_dir)

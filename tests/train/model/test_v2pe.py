@@ -11,21 +11,22 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data.collate import collate_packed, collate_padded, collate_pairs
-from data.pairs import tree_position_ids
 from tests.train.helpers import make_sample, tiny_model, tiny_tokenizer
-from tests.train.test_mpo import make_pairs
-from train.attention import sample_bounds
-from train.losses import loss_normaliser, weighted_nll_sum
-from train.modeling import forward_logits
-from train.objectives.mpo import response_logps
-from train.v2pe import (
+from tests.train.objectives.test_mpo import make_pairs
+from vlmtune.data.collate import collate_packed, collate_padded, collate_pairs
+from vlmtune.data.pairs import tree_position_ids
+from vlmtune.data.token_weights import loss_normaliser
+from vlmtune.train.model.attention import sample_bounds
+from vlmtune.train.model.forward import forward_logits
+from vlmtune.train.model.v2pe import (
     V2PEConfig,
     apply_v2pe_config,
     packed_causal_mask,
     prompt_position_ids,
     v2pe_position_ids,
 )
+from vlmtune.train.objectives.losses import weighted_nll_sum
+from vlmtune.train.objectives.mpo import response_logps
 
 DELTA = 0.25
 SHAPES = [(1, 3, 5, 4), (0, 0, 9, 6), (2, 1, 3, 2), (1, 1, 7, 3)]  # images, tiles/image, prompt, answer
@@ -102,7 +103,7 @@ def test_per_token_delta_tensor():
 def test_sample_bounds_and_mask_hold_for_v2pe_ids():
     from transformers.masking_utils import find_packed_sequence_indices
 
-    from train.attention_varlen import cu_seqlens
+    from vlmtune.train.model.attention_varlen import cu_seqlens
 
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])
     vis = torch.tensor([[0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0]]).bool()
@@ -228,7 +229,7 @@ def _full_forward_logits(model, seq: torch.Tensor, pixels: torch.Tensor, delta: 
 
 
 def test_generation_equals_full_forward_argmax(monkeypatch):
-    from train.evaluate import generate_answers
+    from vlmtune.train.runtime.evaluate import generate_answers
 
     model = _model("packed_sdpa", seed=3)
     tok = tiny_tokenizer()
@@ -276,7 +277,7 @@ def test_generation_equals_full_forward_argmax(monkeypatch):
 
 
 def test_export_and_load_keep_delta_and_logits(tmp_path):
-    from train.export import export_hf, load_trained
+    from vlmtune.train.runtime.export import export_hf, load_trained
 
     model = _model("packed_sdpa")
     samples = [make_sample(model, *shape, seed=i) for i, shape in enumerate(SHAPES)]
@@ -291,9 +292,9 @@ def test_export_and_load_keep_delta_and_logits(tmp_path):
 
 def test_lora_adapter_export_keeps_delta(tmp_path):
     from tests.train.helpers import tiny_model_config
-    from train.export import export_adapter, load_trained
-    from train.lora import LoRAConfig, LoRAPartConfig
-    from train.models import build_model
+    from vlmtune.train.model.build import build_model
+    from vlmtune.train.model.lora import LoRAConfig, LoRAPartConfig
+    from vlmtune.train.runtime.export import export_adapter, load_trained
 
     _model("packed_sdpa", delta=None).save_pretrained(tmp_path / "base")
     lora = LoRAConfig(llm=LoRAPartConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
@@ -309,8 +310,8 @@ def test_lora_adapter_export_keeps_delta(tmp_path):
 
 @pytest.mark.parametrize("delta", [0.0, -0.5, 1.5])
 def test_bad_delta_refused_at_start(delta):
-    from train.config import register_schemas
-    from train.sft import CONFIG_DIR
+    from vlmtune.configs import CONFIG_DIR
+    from vlmtune.train.runtime.config import register_schemas
 
     with pytest.raises(ValueError, match=r"v2pe.delta.*\(0, 1\]"):
         V2PEConfig(delta=delta)
@@ -332,9 +333,9 @@ def test_apply_sets_the_config_and_refuses_other_attention():
 
 
 def test_sweep_preset_and_report(tmp_path):
-    from train.config import register_schemas
-    from train.report import main as report_main
-    from train.sft import CONFIG_DIR
+    from vlmtune.configs import CONFIG_DIR
+    from vlmtune.train.commands.report import main as report_main
+    from vlmtune.train.runtime.config import register_schemas
 
     register_schemas()
     with initialize_config_dir(CONFIG_DIR, version_base=None):

@@ -7,14 +7,9 @@ import math
 import pytest
 import torch
 
-from train.losses import (
-    IGNORE_INDEX,
-    loss_normaliser,
-    per_token_weight,
-    shift_targets,
-    token_weights,
-    weighted_nll_sum,
-)
+from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.data.token_weights import loss_normaliser, per_token_weight, shift_targets, token_weights
+from vlmtune.train.objectives.losses import weighted_nll_sum
 
 
 def test_weights_by_hand():

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from data.collate import collate_pairs
 from tests.train.helpers import make_sample, tiny_model, tiny_tokenizer
-from train.objectives.mpo import MPOLossConfig, MPOObjective, response_logps
+from vlmtune.data.collate import collate_pairs
+from vlmtune.train.objectives.mpo import MPOLossConfig, MPOObjective, response_logps
 
 
 def make_pairs(model):
@@ -133,7 +133,12 @@ def test_generation_only_needs_no_reference():
 
 
 def test_precomputed_reference_equals_live_reference(tmp_path):
-    from train.reference import cache_key, cached_reference, frozen_copy_reference, precompute_reference
+    from vlmtune.train.objectives.reference import (
+        cache_key,
+        cached_reference,
+        frozen_copy_reference,
+        precompute_reference,
+    )
 
     model = tiny_model().eval()
     pairs = make_pairs(model)

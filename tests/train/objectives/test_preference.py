@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.preference import (
+from vlmtune.train.objectives.preference import (
     PREFERENCE_LOSSES,
     RewardShift,
     bco_quality_loss,

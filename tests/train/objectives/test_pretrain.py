@@ -14,9 +14,9 @@ from tests.train.e2e import ZERO3, base_overrides, run_sft
 
 
 def test_dataset_tokens_and_logged_shares_survive_a_resume(tmp_path):
-    from train.config import WandbConfig
-    from train.loop import dataset_tokens
-    from train.metrics import MetricsLogger, dataset_token_totals
+    from vlmtune.train.runtime.config import WandbConfig
+    from vlmtune.train.runtime.loop import dataset_tokens
+    from vlmtune.train.runtime.metrics import MetricsLogger, dataset_token_totals
 
     batches = [
         {"datasets": ["text", "vqa", "text"], "sample_tokens": [10, 30, 5]},
@@ -49,8 +49,8 @@ def test_text_perplexity_equals_the_model_own_loss(tiny_model_dir):
     """Our packed, blank-tile forward against transformers' loss on each text sample alone."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-    from data.conversation import tokenize_text
-    from train.perplexity import text_perplexity
+    from vlmtune.data.conversation import tokenize_text
+    from vlmtune.train.runtime.perplexity import text_perplexity
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = InternVLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
@@ -79,8 +79,8 @@ STEPS, WEIGHTS = 3, {"text": 0.5, "shapes": 0.5}
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
-    from data.synthetic import generate_sft_dataset, generate_text_corpus
-    from train.tiny import build_tiny_checkpoint
+    from vlmtune.data.synthetic import generate_sft_dataset, generate_text_corpus
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("pretrain_e2e")
     data = root / "data"
@@ -108,11 +108,11 @@ def replay_rank_packs(ckpt: Path, meta: Path, rank: int, world: int, n: int) -> 
     (configs/data/demo.yaml's sample settings, the weights resolved, the rank's shard, best-fit packing)."""
     from transformers import AutoTokenizer
 
-    from data.dataset import DataConfig, SampleProcessor
-    from data.meta import load_meta
-    from data.mixture import resolve_mixture
-    from data.stream import MicroBatchStream
-    from train.sft import SampleLoader
+    from vlmtune.data.dataset import DataConfig, SampleProcessor
+    from vlmtune.data.meta import load_meta
+    from vlmtune.data.mixture import resolve_mixture
+    from vlmtune.data.stream import MicroBatchStream
+    from vlmtune.train.commands.runner import SampleLoader
 
     cfg = DataConfig(
         meta_path=str(meta),
@@ -162,7 +162,7 @@ def test_two_rank_zero3_mixture_with_imageless_packs_logs_exact_dataset_tokens(m
         "train.eval_before": False,
         "train.max_steps": STEPS,
         "train.save_every": STEPS,
-        "train.export": False,
+        "vlmtune.train.runtime.export": False,
         "data.max_length": DATA_CFG["max_length"],
         "packing.max_tokens": DATA_CFG["packing.max_tokens"],
         "train.gradient_accumulation_steps": gas,
@@ -186,9 +186,9 @@ def test_two_rank_zero3_mixture_with_imageless_packs_logs_exact_dataset_tokens(m
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-    from data.dataset import DataConfig, SampleProcessor
-    from data.meta import load_meta
-    from train.perplexity import text_perplexity
+    from vlmtune.data.dataset import DataConfig, SampleProcessor
+    from vlmtune.data.meta import load_meta
+    from vlmtune.train.runtime.perplexity import text_perplexity
 
     results = json.loads((out / "eval.json").read_text())
     model = InternVLForConditionalGeneration.from_pretrained(ckpt)
@@ -208,8 +208,8 @@ def test_two_rank_zero3_mixture_with_imageless_packs_logs_exact_dataset_tokens(m
 def test_pair_batches_count_each_pair_tokens_for_its_dataset(layout):
     """MPO runs log the realised mixture too: a pair takes prompt+chosen+rejected tokens (tree) or
     two prompts (separate), and the per-pair counts add up to the batch's tokens."""
-    from data.collate import collate_pairs
-    from train.loop import dataset_tokens
+    from vlmtune.data.collate import collate_pairs
+    from vlmtune.train.runtime.loop import dataset_tokens
 
     def pair(p: int, c: int, r: int, dataset: str) -> dict:
         ids = lambda n: torch.arange(n) + 10  # noqa: E731

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.checkpoint import POINTER, _atomic_write, latest_complete
+from vlmtune.train.runtime.checkpoint import POINTER, _atomic_write, latest_complete
 
 
 def test_only_the_pointer_names_the_resume_checkpoint(tmp_path):

@@ -10,9 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import DeepSpeedConfig, OptimConfig, TrainConfig, register_schemas
-from train.engine import build_ds_config, cosine_with_warmup
-from train.sft import CONFIG_DIR, check_config
+from vlmtune.configs import CONFIG_DIR
+from vlmtune.train.commands.runner import check_config
+from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig, register_schemas
+from vlmtune.train.runtime.engine import build_ds_config, cosine_with_warmup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ def test_bad_values_are_refused_at_start(overrides, message):
 
 def test_cli_reports_a_typo_and_exits_non_zero():
     proc = subprocess.run(
-        [sys.executable, "-m", "train.sft", "train.max_stpes=3"],
+        [sys.executable, "-m", "vlmtune.train.commands.sft", "train.max_stpes=3"],
         cwd=REPO,
         capture_output=True,
         text=True,

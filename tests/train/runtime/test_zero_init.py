@@ -9,7 +9,7 @@ import subprocess
 import torch
 
 from tests.train.e2e import REPO, sft_env, torchrun
-from train.models import ModelConfig, build_model
+from vlmtune.train.model.build import ModelConfig, build_model
 
 
 def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tiny_model_dir, tmp_path):

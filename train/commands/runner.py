@@ -1,0 +1,386 @@
+"""The runner every training command shares: config -> model, data, engine -> the one loop -> export, eval.
+
+``run_training(cfg, method)`` goes through explicit phases, each a function below, in this order:
+check the config, set up the output dir, build the model, build the data stream, create the engine
+and the method's objective, resume, train, export, evaluate. What differs between SFT and MPO is a
+`Method` (its sample processor, collate, objective and optional set-up once the engine exists).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from vlmtune.configs import CONFIG_DIR
+from vlmtune.train.objectives import Objective
+from vlmtune.train.runtime.config import SFTRunConfig, register_schemas
+
+log = logging.getLogger("vlmtune")
+
+
+class Method(Protocol):
+    """What a training method plugs into the runner."""
+
+    def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Callable[..., dict]:
+        """(spec, line, rng, training) -> one processed sample (raises SkipSample)."""
+
+    def collate(self, cfg: Any, tokenizer: Any, model: torch.nn.Module) -> Callable[[list[dict]], dict]: ...
+
+    def objective(
+        self, cfg: Any, model: torch.nn.Module, ds_config: dict, rebuild: Callable[[], torch.nn.Module]
+    ) -> Objective:
+        """``rebuild()`` builds the starting model again (MPO's frozen reference under ZeRO-3)."""
+
+    def prepare_demo(self, cfg: Any) -> None:
+        """Generate the demo's data and starting checkpoint (``prepare_demo=true``, rank 0 only)."""
+
+    def on_engine(
+        self,
+        cfg: Any,
+        engine: Any,
+        objective: Objective,
+        processor: Any,
+        specs: list,
+        collate: Any,
+        out_dir: Path,
+    ) -> None:
+        """Set-up that needs the engine, before the first step (MPO: the precomputed reference)."""
+
+
+@dataclass
+class SampleLoader:
+    """(epoch, position) -> processed sample or Skipped; picklable, so DataLoader workers can run it."""
+
+    processor: Any
+    specs: list
+    seed: int
+    training: bool = True
+
+    def __post_init__(self) -> None:
+        self._index_cache: dict[int, list] = {}
+
+    def index(self, epoch: int) -> list:
+        from vlmtune.data.meta import build_index
+
+        if epoch not in self._index_cache:
+            self._index_cache = {epoch: build_index(self.specs, self.seed + epoch)}
+        return self._index_cache[epoch]
+
+    def epoch_size(self, epoch: int) -> int:
+        return len(self.index(epoch))
+
+    def __call__(self, key: tuple[int, int]) -> Any:
+        from vlmtune.data.dataset import process_position
+
+        epoch, position = key
+        index = self.index(epoch)
+        return process_position(self.processor, self.specs, index, position, self.seed, epoch, self.training)
+
+
+def check_config(cfg: SFTRunConfig) -> None:
+    """Refuse, at start, values that would otherwise fail hours in."""
+    from vlmtune.data.token_weights import reduction_exponent
+    from vlmtune.train.model.lora import check_lora_config
+
+    reduction_exponent(cfg.train.loss_reduction)
+    if (
+        cfg.packing.enabled
+        and cfg.data.max_length is not None
+        and cfg.data.max_length > cfg.packing.max_tokens
+    ):
+        raise ValueError(
+            f"data.max_length={cfg.data.max_length} > packing.max_tokens={cfg.packing.max_tokens}: "
+            "a sample could never fit a pack"
+        )
+    for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(cfg.train, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
+    check_lora_config(cfg.lora, zero_stage=cfg.deepspeed.zero_stage)
+
+
+def load_tokenizer(cfg: SFTRunConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer or cfg.model.pretrained
+    if path is None:
+        raise ValueError("model.tokenizer (or model.pretrained) must name a directory holding the tokenizer")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def run_training(cfg: Any, method: Method) -> dict[str, Any]:
+    """Train with ``method`` (SFT, MPO...) through the one loop; returns a summary (step, output dir, eval).
+
+    The engines live only inside ``_train``: they are released before the process group is torn
+    down, which gloo needs to exit cleanly.
+    """
+    from vlmtune.train.runtime.engine import (
+        build_ds_config,
+        init_distributed,
+        partitioned_construction,
+        shutdown_distributed,
+    )
+
+    check_config(cfg)
+    rank, world = init_distributed()
+    ds_config = build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, world)
+    with partitioned_construction(ds_config) as partitioned:
+        summary = _train(cfg, method, rank, world, ds_config, partitioned)
+    shutdown_distributed()
+    return summary
+
+
+# ---- phases -------------------------------------------------------------------------------------
+
+
+def setup_output_dir(cfg: Any, method: Method, rank: int) -> Path:
+    """The demo's data first when asked, then the output dir with the resolved config."""
+    out_dir = Path(cfg.train.output_dir)
+    if cfg.prepare_demo:
+        if rank == 0:
+            method.prepare_demo(cfg)
+        dist.barrier()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.yaml")
+    return out_dir
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    tokens_per_tile: int
+    rebuild: Callable[[], torch.nn.Module]  # the starting weights again, without LoRA
+
+
+def build_starting_model(cfg: Any, tokenizer: Any, partitioned: bool, rank: int, world: int) -> BuiltModel:
+    """The policy, built so that a second build is identical (random init is seeded): under ZeRO-3 the
+    MPO reference is such a second build (a partitioned model cannot be deep-copied)."""
+    from vlmtune.train.model.build import build_model, count_parameters, num_image_tokens_per_tile, tile_size
+    from vlmtune.train.model.v2pe import apply_v2pe_config
+    from vlmtune.train.runtime.engine import resolve_precision
+
+    def build(lora: Any) -> torch.nn.Module:
+        torch.manual_seed(cfg.train.seed)
+        built = build_model(cfg.model, tokenizer, lora)
+        apply_v2pe_config(built, cfg.v2pe)  # V2PE's δ on the config: policy, reference, eval, export
+        if resolve_precision(cfg.train.precision) == "bf16" and cfg.lora.quantize is None and not partitioned:
+            built = built.to(torch.bfloat16)  # (zero.Init casts itself; QLoRA's 4-bit weights can't be cast)
+        return built
+
+    model = build(cfg.lora)
+    tile = tile_size(model.config.vision_config)
+    for name, data_cfg in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        if data_cfg is not None and data_cfg.image_size != tile:
+            raise ValueError(f"{name}.image_size={data_cfg.image_size} but the model's tiles are {tile} px")
+    counts = count_parameters(model)
+    if rank == 0:
+        log.info(
+            "parameters: %s (trainable %.2f%%)%s",
+            json.dumps(counts),
+            100 * counts["trainable"] / counts["total"],
+            f"; built partitioned over {world} ranks (ZeRO-3 zero.Init)" if partitioned else "",
+        )
+    return BuiltModel(model, num_image_tokens_per_tile(model.config), lambda: build(None))
+
+
+@dataclass
+class TrainData:
+    specs: list
+    processor: Any
+    stream: Any  # data.stream.MicroBatchStream
+    report: Any  # data.report.SkipReport
+
+
+def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, out_dir: Path) -> TrainData:
+    """This rank's resumable micro-batch stream over the meta file (mixture weights resolved first)."""
+    from vlmtune.data.meta import load_meta
+    from vlmtune.data.mixture import resolve_mixture
+    from vlmtune.data.report import SkipReport
+    from vlmtune.data.stream import MicroBatchStream
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    specs = load_meta(cfg.data.meta_path)
+    processor = method.processor(cfg, tokenizer, tokens_per_tile)
+    specs, mixture = resolve_mixture(specs, processor, cfg.data.seed)  # weights -> samples per epoch
+    if rank == 0 and mixture:
+        log.info("data mixture (token shares): %s", json.dumps(mixture))
+    loader = SampleLoader(processor, specs, cfg.data.seed)
+    report = SkipReport(out_dir / f"skipped_rank{rank}.jsonl")
+    stream = MicroBatchStream(
+        loader.epoch_size,
+        loader,
+        rank=rank,
+        world_size=world,
+        micro_batch_size=cfg.train.micro_batch_size,
+        packing=cfg.packing.enabled,
+        max_tokens=cfg.packing.max_tokens,
+        max_tiles=cfg.packing.max_tiles,
+        buffer_size=cfg.packing.buffer_size,
+        on_skip=lambda s: report.skip(s.dataset, s.source, s.reason, s.detail),
+        num_workers=cfg.train.num_workers,
+    )
+    return TrainData(specs, processor, stream, report)
+
+
+def resume(cfg: Any, engine: Any, objective: Objective, data: TrainData, out_dir: Path) -> int:
+    """Restore the newest complete checkpoint (model, optimizer, data position, skips, objective state);
+    returns the step to continue from (0 for a fresh run)."""
+    from vlmtune.train.runtime.checkpoint import latest_complete, load_checkpoint
+
+    tag = latest_complete(out_dir) if cfg.train.resume else None
+    if tag is None:
+        return 0
+    shared, per_rank = load_checkpoint(engine, out_dir, tag)
+    data.stream.load_state_dict(per_rank["stream"])
+    for e in per_rank.get("skipped", []):
+        data.report.skip(e["dataset"], f"{e['file']}:{e['line']}", e["reason"], e["detail"])
+    if "objective" in shared:
+        objective.load_state_dict(shared["objective"])
+    if dist.get_rank() == 0:
+        log.info("resumed from %s at step %d", tag, shared["step"])
+    return shared["step"]
+
+
+def export(cfg: Any, engine: Any, tokenizer: Any, out_dir: Path) -> Path:
+    """The HF directory (full fine-tune) or the peft adapter directory (LoRA)."""
+    from vlmtune.data.dataset import sample_settings
+    from vlmtune.train.runtime.export import export_adapter, export_hf
+
+    write, target = (export_adapter, out_dir / "adapter") if cfg.lora.enabled else (export_hf, out_dir / "hf")
+    write(
+        engine,
+        tokenizer,
+        target,
+        source_dir=cfg.model.tokenizer or cfg.model.pretrained,
+        extra={"data": sample_settings(cfg.data)},
+    )
+    return target
+
+
+def log_final(summary: dict[str, Any], out_dir: Path, skipped: int) -> None:
+    log.info("done: step %d, %d samples skipped, output in %s", summary["step"], skipped, out_dir)
+    if "eval" in summary:
+        e = summary["eval"]
+        log.info(
+            "held-out exact match %.3f | same model, blank images %.3f | majority answer %.3f (n=%d) -> %s",
+            e["accuracy"],
+            e["blank_image_accuracy"],
+            e["majority_baseline"],
+            e["num_samples"],
+            out_dir / "eval.json",
+        )
+        if "text_perplexity" in e:
+            log.info("held-out text perplexity %.3f (%d tokens)", e["text_perplexity"], e["text_tokens"])
+
+
+def _train(
+    cfg: Any, method: Method, rank: int, world: int, ds_config: dict, partitioned: bool
+) -> dict[str, Any]:
+    from vlmtune.train.runtime.engine import create_engine
+    from vlmtune.train.runtime.loop import train_loop
+    from vlmtune.train.runtime.metrics import MetricsLogger
+
+    out_dir = setup_output_dir(cfg, method, rank)
+    tokenizer = load_tokenizer(cfg)
+    built = build_starting_model(cfg, tokenizer, partitioned, rank, world)
+    data = build_data(cfg, method, tokenizer, built.tokens_per_tile, out_dir)
+    collate = method.collate(cfg, tokenizer, built.model)
+    objective = method.objective(cfg, built.model, ds_config, rebuild=built.rebuild)
+    engine, _, _ = create_engine(built.model, ds_config, cfg.optim, cfg.train.max_steps)
+    method.on_engine(cfg, engine, objective, data.processor, data.specs, collate, out_dir)
+    start_step = resume(cfg, engine, objective, data, out_dir)
+
+    logger = MetricsLogger(
+        out_dir,
+        enabled=rank == 0,
+        total_steps=cfg.train.max_steps,
+        start_step=start_step,
+        wandb_cfg=cfg.train.wandb,
+        run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+    )
+    evaluate = None
+    if cfg.eval_data is not None:
+        from vlmtune.train.runtime.evaluate import evaluate_accuracy
+
+        def evaluate(step: int) -> dict:
+            return evaluate_accuracy(
+                engine, tokenizer, cfg.eval_data, built.tokens_per_tile, cfg.train.eval_max_samples
+            )
+
+    before = (
+        evaluate(start_step) if evaluate is not None and cfg.train.eval_before and start_step == 0 else None
+    )
+    step = train_loop(
+        engine,
+        objective,
+        iter(data.stream),
+        collate,
+        start_step=start_step,
+        max_steps=cfg.train.max_steps,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        out_dir=out_dir,
+        logger=logger,
+        log_every=cfg.train.log_every,
+        save_every=cfg.train.save_every,
+        eval_every=cfg.train.eval_every,
+        keep_last=cfg.train.keep_last,
+        evaluate=evaluate,
+        checkpoint_state=lambda: (
+            {"objective": objective.state_dict()},
+            {"stream": data.stream.state_dict(), "skipped": data.report.entries},
+        ),
+        skipped_count=lambda: data.report.total,
+        dataset_names=[s.name for s in data.specs],
+    )
+    summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": data.report.to_dict()}
+    if cfg.train.export:
+        summary["export"] = str(export(cfg, engine, tokenizer, out_dir))
+    if evaluate is not None:
+        results = evaluate(step)
+        if before is not None:
+            results["before"] = {k: v for k, v in before.items() if k != "examples"}
+        summary["eval"] = results
+        if rank == 0:
+            (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+            logger.log(
+                {"step": step, **{f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}},
+                advance=0,
+            )
+    logger.close()
+    data.report.close()
+    if rank == 0:
+        log_final(summary, out_dir, data.report.total)
+    return summary
+
+
+def hydra_entry(argv: list[str], config_name: str, run: Callable[[Any], Any]) -> int:
+    """Run a Hydra app with ``argv`` as its overrides; all ranks share one output dir (no timestamps)."""
+    register_schemas()
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)
+    def _app(dcfg: DictConfig) -> Any:
+        return run(OmegaConf.to_object(dcfg))
+
+    saved = sys.argv
+    sys.argv = [f"vlmtune-{config_name}", *argv]
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def command_main(argv: list[str] | None, config_name: str, run: Callable[[Any], Any]) -> int:
+    """A Hydra training command's ``main``: logging, then the app with the command line's overrides."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return hydra_entry(list(sys.argv[1:] if argv is None else argv), config_name, run)

@@ -4,7 +4,7 @@ Each batch names the dataset of every sample and its tokens (``datasets``, ``sam
 that the loop can log the tokens each dataset contributed (the realised mixture).
 
 Loss targets are shifted here, once, with the per-token weights of the chosen loss reduction, so
-the objective only multiplies and sums (train/losses.py holds the maths).
+the objective only multiplies and sums (data/token_weights.py holds the maths).
 """
 
 from __future__ import annotations

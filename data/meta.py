@@ -137,7 +137,7 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
         optional_int[key] = (
             None if value is None else _number(meta, name, key, value, int, 0 if key == "length" else 1)
         )
-    return DatasetSpec(
+    spec = DatasetSpec(
         name=name,
         root=_resolve(base, root),
         annotation=annotation,
@@ -148,6 +148,14 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
         weight=weight,
         **optional_int,
     )
+    # InternVL's `length` is the annotation's number of records: one that disagrees means the file was
+    # truncated or is not the one meant, which is cheaper to learn now than from the loss curve.
+    if spec.length is not None and annotation.is_file() and spec.num_records != spec.length:
+        raise MetaError(
+            f"{meta}: dataset {name!r}: 'length' is {spec.length} but {annotation} holds "
+            f"{spec.num_records} records (fix or drop 'length')"
+        )
+    return spec
 
 
 def load_meta(path: str | Path) -> list[DatasetSpec]:

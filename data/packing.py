@@ -99,25 +99,6 @@ def packed_position_ids(lengths: list[int]) -> torch.Tensor:
     )
 
 
-def cu_seq_lens(lengths: list[int]) -> torch.Tensor:
-    """Cumulative sequence lengths (int32, leading 0): flash-attention's varlen layout."""
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    return out
-
-
-def block_causal_mask(lengths: list[int]) -> torch.Tensor:
-    """Boolean [L, L] mask, True where query i may attend key j: same sample and j <= i.
-
-    transformers derives the same mask from restarting position ids; this explicit form is the
-    independent reference the packing tests compare against.
-    """
-    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    n = int(seg.numel())
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    return causal & (seg[:, None] == seg[None, :])
-
-
 def fill_ratio(packs: Iterable[Pack], max_tokens: int) -> float:
     """Real tokens over token slots: how much of the compute goes to data rather than padding."""
     packs = list(packs)

@@ -14,11 +14,10 @@ are inserted as SFT does (``<image>\\n`` in front when missing, ``Image-1: <imag
 several images; InternVL's MPO code only inserts the single-image one). A pure-text pair has no
 tiles (InternVL feeds a blank image with ``image_flags`` 0 instead).
 
-Two layouts for the trainer, both pure functions of a processed pair:
-``pair_as_sequences`` (two SFT-style sequences, prompt repeated) and ``pair_as_tree`` (one sequence
-``prompt + chosen + rejected`` where the rejected branch restarts its positions after the prompt
-and never attends to the chosen branch; `tree_attention_mask`), which encodes the prompt and its
-image tiles once.
+The tree layout's pieces (`tree_position_ids`, `tree_attention_mask`, `tree_parent_index`) are pure
+functions of the three lengths: one sequence ``prompt + chosen + rejected`` where the rejected branch
+restarts its positions after the prompt and never attends to the chosen branch, so the prompt and its
+image tiles are encoded once. data/collate.py `collate_pairs` builds batches from them.
 """
 
 from __future__ import annotations
@@ -165,30 +164,6 @@ class PairProcessor:
         return out
 
 
-def _common(pair: dict[str, Any]) -> dict[str, Any]:
-    keys = ("pixel_values", "num_tiles", "num_images", "dataset", "source")
-    return {k: pair[k] for k in keys if k in pair}
-
-
-def pair_as_sequences(pair: dict[str, Any]) -> list[dict[str, Any]]:
-    """The naive layout: ``[prompt + chosen, prompt + rejected]`` as two SFT-style samples.
-
-    Each holds its own image tokens, so each carries the (same) tiles: the vision tower encodes
-    them twice. ``role`` says which response a sequence holds.
-    """
-    prompt = pair["prompt_ids"]
-    masked = torch.full_like(prompt, IGNORE_INDEX)
-    return [
-        {
-            "input_ids": torch.cat([prompt, pair[f"{role}_ids"]]),
-            "labels": torch.cat([masked, pair[f"{role}_labels"]]),
-            "role": role,
-            **_common(pair),
-        }
-        for role in ("chosen", "rejected")
-    ]
-
-
 def tree_position_ids(p: int, c: int, r: int) -> torch.Tensor:
     """Positions of ``prompt + chosen + rejected``: ``0..P-1, P..P+C-1, P..P+R-1``.
 
@@ -221,25 +196,3 @@ def tree_parent_index(p: int, c: int, r: int) -> torch.Tensor:
     if r:
         parent[p + c] = p - 1
     return parent
-
-
-def pair_as_tree(pair: dict[str, Any]) -> dict[str, Any]:
-    """One sequence ``prompt + chosen + rejected`` sharing the prompt (and its tiles, once).
-
-    ``labels``: -100 on the prompt, then each response's labels; ``position_ids`` from
-    `tree_position_ids`; ``parent_index`` from `tree_parent_index` (score token t with the logits
-    at ``parent_index[t]``, not ``t - 1``); ``segments`` = (P, C, R), from which
-    `tree_attention_mask` builds the mask the model must be run with.
-    """
-    prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
-    p, c, r = len(prompt), len(chosen), len(rejected)
-    return {
-        "input_ids": torch.cat([prompt, chosen, rejected]),
-        "labels": torch.cat(
-            [torch.full_like(prompt, IGNORE_INDEX), pair["chosen_labels"], pair["rejected_labels"]]
-        ),
-        "position_ids": tree_position_ids(p, c, r),
-        "parent_index": tree_parent_index(p, c, r),
-        "segments": (p, c, r),
-        **_common(pair),
-    }

@@ -8,10 +8,10 @@ cycle a reader has to untangle).
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"train": "vlmtune.train", "data": "vlmtune.data", "configs": "vlmtune.configs"}

@@ -2,7 +2,7 @@
 
 Each pack holds ``--pack-tokens`` tokens of samples with 1-6 image tiles (448 px, 256 tokens each) plus
 a text prompt and a supervised answer (a text-only sample fills the rest). A step is exactly what
-``train/loop.py`` does for one micro-batch: ``SFTObjective`` (logits only where a target exists),
+``train/runtime/loop.py`` does for one micro-batch: ``SFTObjective`` (logits only where a target exists),
 ``engine.backward``, ``engine.step`` (DeepSpeed, bf16, AdamW). Variants: attention ``packed_varlen``
 (torch's varlen FlashAttention, CUDA only) vs ``sdpa`` (transformers' dense [L, L] block mask) vs
 ``packed_sdpa`` (sdpa per sample), each with gradient checkpointing off and on; then, if time is left,
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -64,12 +63,9 @@ def sync() -> None:
 
 
 def load_model_config(name: str, **overrides: Any) -> ModelConfig:
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig),
-        OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml"),
-        overrides,
-    )
-    return OmegaConf.to_object(cfg)
+    from vlmtune.train.runtime.config import model_preset
+
+    return model_preset(name, [f"model.{k}={v}" for k, v in overrides.items()])
 
 
 @dataclass

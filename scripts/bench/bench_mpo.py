@@ -9,7 +9,7 @@ scripts freeze the vision backbone; ``--train-vision`` trains everything).
 - **ours**: the real `vlmtune mpo` pieces (``train.mpo.MPOMethod``: ``PairProcessor`` ->
   ``collate_pairs`` in the tree layout -> ``MPOObjective`` with a frozen-copy reference that reuses
   the policy's image features) driven by a plain torch loop instead of a DeepSpeed engine: forward,
-  backward, clip, ``AdamW.step``, ``on_step_end`` (BCO's reward shift), as ``train/loop.py`` does
+  backward, clip, ``AdamW.step``, ``on_step_end`` (BCO's reward shift), as ``train/runtime/loop.py`` does
   at ZeRO-0 on one rank.
 - **trl**: ``trl.DPOTrainer`` with ``loss_type=["sigmoid", "bco_pair", "sft"]`` and
   ``loss_weights=[0.8, 0.2, 1.0]`` (TRL's MPO recipe), the same checkpoint loaded as policy and

@@ -9,7 +9,7 @@ weight decay, gradients clipped at 1.0, loss averaged over the step's supervised
 - **ours**: the real `vlmtune sft` pieces (``train.sft.SFTMethod``: ``SampleProcessor`` ->
   ``collate_packed`` -> ``SFTObjective`` with ``train.loss_reduction=token``, the model from
   ``build_model`` with its CPU attention, ``packed_sdpa``) driven by a plain torch loop instead of a
-  DeepSpeed engine, as ``train/loop.py`` does at ZeRO-0 on one rank. Each step's samples are one packed
+  DeepSpeed engine, as ``train/runtime/loop.py`` does at ZeRO-0 on one rank. Each step's samples are one packed
   row (no padding; the trainer's best-fit packing would put a varying number of samples in a step).
 - **trl**: ``trl.SFTTrainer`` on the checkpoint's ``InternVLProcessor`` with TRL's vision collator
   (one right-padded row per sample) and ``assistant_only_loss=True``. Adaptations, all settings a
@@ -74,7 +74,7 @@ _CONTENT = (
     "{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
     "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
 )
-#: The tiny checkpoint's chat template (train/tiny.py) with TRL's assistant-mask markers around each
+#: The tiny checkpoint's chat template (train/model/tiny.py) with TRL's assistant-mask markers around each
 #: answer and its <|im_end|>: the tokens InternVL (and vlmtune) train on. Renders the same text.
 TRAINING_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"

@@ -19,7 +19,7 @@ DeepSpeed's partitioning included. ``idle`` is a process that imports the same m
 deepspeed, transformers, train.sft) and exits: its peak is subtracted to give the training part
 ("growth"). Beside the measurements, the model-state bytes per rank that ``vlmtune plan``
 (``train.plan.make_plan``) predicts for the same config, fp32, on ``nproc`` "GPUs". Under ZeRO-3
-vlmtune builds the model already partitioned (``deepspeed.zero.Init``, train/engine.py).
+vlmtune builds the model already partitioned (``deepspeed.zero.Init``, train/runtime/engine.py).
 
 What it found (72M parameters): with DeepSpeed's default buffers a ZeRO-3 rank peaks ABOVE the ZeRO-0
 rank (1.20x), because those buffers are sized for billions of parameters (50M-element reduce and
@@ -115,7 +115,7 @@ def run_overrides(args: argparse.Namespace, layout: str, ckpt: Path, meta: Path,
         "train.output_dir": out,
         "train.max_steps": args.steps,
         "train.save_every": 0,
-        "vlmtune.train.runtime.export": False,
+        "train.export": False,
         "train.log_every": 1,
         "data.max_length": args.tokens,
         "packing.max_tokens": args.tokens,
@@ -127,7 +127,8 @@ def run_overrides(args: argparse.Namespace, layout: str, ckpt: Path, meta: Path,
 
 def planned(args: argparse.Namespace, layout: str, ckpt: Path) -> dict[str, Any]:
     """``vlmtune plan``'s model-state bytes per rank for the same model and layout (fp32, nproc ranks)."""
-    from vlmtune.train.commands.plan import Hardware, compose_config, make_plan
+    from vlmtune.train.commands.plan import Hardware, make_plan
+    from vlmtune.train.runtime.config import compose_config
 
     nproc, ds = LAYOUTS[layout]
     overrides = [f"{k}={v}" for k, v in {**model_overrides(args, ckpt), **ds}.items()]

@@ -38,8 +38,8 @@ EOF
 echo "== setup took $((SECONDS - t0)) s"
 
 # correctness first: the GPU tests (test_gpu.py) and the CPU-side varlen tests (this torch's varlen signature)
-timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/train/test_gpu.py tests/train/test_gpu_qlora.py \
-    tests/train/test_gpu_liger.py tests/train/test_gpu_v2pe.py tests/train/test_attention_varlen.py \
+timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/train/model/test_gpu.py tests/train/model/test_gpu_qlora.py \
+    tests/train/model/test_gpu_liger.py tests/train/model/test_gpu_v2pe.py tests/train/model/test_attention_varlen.py \
     2>&1 | tee "$OUT/pytest.log"
 tests=${PIPESTATUS[0]}
 echo "== pytest exit $tests after $((SECONDS - t0)) s"

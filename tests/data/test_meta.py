@@ -49,6 +49,15 @@ def test_null_root_is_meta_dir_and_known_keys_accepted(tmp_path, jsonl):
     assert spec.root == tmp_path and spec.max_dynamic_patch == 6 and spec.data_augment and spec.length == 10
 
 
+def test_length_that_disagrees_with_the_annotation_is_refused_at_start(tmp_path, jsonl):
+    """InternVL's `length` is the record count: a mismatch (a truncated file) names file, dataset, key."""
+    meta = write_meta(tmp_path, {"short": {"annotation": "ann/a.jsonl", "length": 12}})
+    with pytest.raises(MetaError) as e:
+        load_meta(meta)
+    assert str(meta) in str(e.value) and "'short'" in str(e.value) and "'length' is 12" in str(e.value)
+    assert "holds 10 records" in str(e.value)
+
+
 def test_unknown_key_names_file_dataset_and_key(tmp_path, jsonl):
     meta = write_meta(
         tmp_path,

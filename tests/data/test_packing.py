@@ -9,8 +9,6 @@ import torch
 
 from vlmtune.data.packing import (
     best_fit_pack,
-    block_causal_mask,
-    cu_seq_lens,
     fill_ratio,
     iter_packs,
     packed_position_ids,
@@ -61,10 +59,16 @@ def test_over_long_sample_is_a_clear_error():
 
 
 def test_positions_masks_and_cu_seqlens():
+    """The attention paths read sample bounds off the packed position ids alone (model/attention*.py)."""
+    from vlmtune.train.model.attention_varlen import cu_seqlens
+    from vlmtune.train.model.v2pe import packed_causal_mask
+
     lengths = [3, 1, 2]
-    assert packed_position_ids(lengths).tolist() == [0, 1, 2, 0, 0, 1]
-    assert cu_seq_lens(lengths).tolist() == [0, 3, 4, 6]
-    mask = block_causal_mask(lengths).int().tolist()
+    positions = packed_position_ids(lengths)
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1]
+    cu, longest = cu_seqlens(positions)
+    assert cu.tolist() == [0, 3, 4, 6] and longest == 3
+    mask = packed_causal_mask(positions[None])[0, 0].int().tolist()
     assert mask == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],

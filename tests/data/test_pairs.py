@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.pair_layouts import pair_as_sequences, pair_as_tree
 from tests.data.tokens import enc, image_ids
 from vlmtune.data.conversation import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
 from vlmtune.data.dataset import DataConfig, SampleProcessor, iter_samples, sample_rng
@@ -18,8 +19,6 @@ from vlmtune.data.meta import load_meta
 from vlmtune.data.pairs import (
     PairProcessor,
     PairRecord,
-    pair_as_sequences,
-    pair_as_tree,
     tokenize_pair,
     tree_attention_mask,
     tree_parent_index,

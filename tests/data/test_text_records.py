@@ -151,7 +151,7 @@ def test_collate_never_targets_padding_or_image_tokens(tok, mixed):
         assert (batch["weights"][row][targets == IGNORE_INDEX] == 0).all()
     assert width > min(n_text, n_chat)  # there was padding to check
     assert batch["datasets"] == ["corpus", "chat_all"] and batch["sample_tokens"] == [n_text, n_chat]
-    # a pack of text only: no tiles, the vision tower gets its blank tile from train/modeling.py
+    # a pack of text only: no tiles, the vision tower gets its blank tile from train/model/forward.py
     pack = collate_packed([text, text], "token")
     assert pack["pixel_values"].numel() == 0
     assert int(pack["supervised_counts"].sum()) == 2 * (n_text - 1)

@@ -94,7 +94,7 @@ BYTES_PER_PARAM = {"bf16": BytesPerParam(2, 2, 4, 12), "fp32": BytesPerParam(4, 
 
 
 def check_layout(layout: Layout) -> None:
-    """The combinations DeepSpeed (and train/engine.py) refuse."""
+    """The combinations DeepSpeed (and train/runtime/engine.py) refuse."""
     if layout.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage must be 0-3, got {layout.zero_stage}")
     if layout.offload_param and layout.zero_stage != 3:
@@ -124,7 +124,7 @@ def model_state_bytes(
 
     CPU per node is DeepSpeed's formula: the larger of the offloaded states and the transient of every
     process loading the model in fp32 (``zero_init=False``, ZeRO-0/1/2: each rank loads the whole
-    model; ZeRO-3 builds it inside ``deepspeed.zero.Init``, train/engine.py: only a layer), times
+    model; ZeRO-3 builds it inside ``deepspeed.zero.Init``, train/runtime/engine.py: only a layer), times
     ``buffer_factor``. Its ZeRO-1/2 offload term is kept as DeepSpeed writes it (the whole optimizer
     state per node and 4 bytes x all GPUs), so the numbers agree with its estimator.
     """
@@ -160,7 +160,7 @@ def deepspeed_estimate(
     """DeepSpeed's own estimate for this layout with every parameter trainable (ZeRO-2/3 only)."""
     import os
 
-    if not torch.cuda.is_available():  # as train/engine.py: no accelerator probing on a CPU machine
+    if not torch.cuda.is_available():  # as train/runtime/engine.py: no accelerator probing on a CPU machine
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if layout.zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -250,7 +250,7 @@ def stack_activation_bytes(
 
 
 def logits_bytes(positions: int, vocab: int, act_bytes: int) -> int:
-    """The LM head on the supervised positions only (train/modeling.py: ``logits_to_keep``): the logits,
+    """The LM head on the supervised positions only (train/model/forward.py: ``logits_to_keep``): the logits,
     their fp32 copy and the fp32 log-softmax kept for the backward pass."""
     return positions * vocab * (act_bytes + 4 + 4)
 
@@ -262,7 +262,7 @@ def tiles_per_image(max_dynamic_patch: int, use_thumbnail: bool) -> int:
 
 
 def pair_tokens(prompt: int, response: int, layout: str) -> int:
-    """Tokens a preference pair takes in a pack (train/mpo.py: ``PairWithLength``): the tree layout
+    """Tokens a preference pair takes in a pack (train/commands/mpo.py: ``PairWithLength``): the tree layout
     holds the prompt once and both answers; the separate one holds the prompt twice."""
     if layout == "tree":
         return prompt + 2 * response
@@ -508,7 +508,7 @@ def sft_workload(
 
 
 def reference_mode(cfg: Any) -> str:
-    """Which reference `vlmtune mpo` holds (train/mpo.py ``MPOMethod.objective``)."""
+    """Which reference `vlmtune mpo` holds (train/commands/mpo.py ``MPOMethod.objective``)."""
     if not (cfg.loss.preference_weight or cfg.loss.quality_weight):
         return "none (preference and quality weights are 0)"
     if cfg.reference == "precomputed":
@@ -580,7 +580,7 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
     )
     image_tiles = tiles_per_image(cfg.data.max_dynamic_patch, cfg.data.use_thumbnail)
     notes = [
-        f"activations are an estimate (Korthikanti et al. 2022, adapted: train/plan.py); fit = total <= "
+        f"activations are an estimate (Korthikanti et al. 2022, adapted: train/commands/plan.py); fit = total <= "
         f"{FIT_MARGIN:.0%} of GPU memory (the rest: CUDA context, NCCL/DeepSpeed buffers, fragmentation)",
         "CPU per node follows DeepSpeed's rules: ZeRO-0/1/2 load the whole model on every rank "
         "(zero_init=False); ZeRO-3 builds it partitioned (zero.Init, zero_init=True)"
@@ -611,9 +611,11 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
     ref_forward = reference.startswith(("copy", "adapter"))
 
     def states(lay: Layout) -> dict[str, dict[str, float]]:
-        out = model_state_bytes(pc, lay, bpp, zero_init=lay.zero_stage == 3)  # train/engine.py
+        out = model_state_bytes(pc, lay, bpp, zero_init=lay.zero_stage == 3)  # train/runtime/engine.py
         gpu_ref = cpu_ref = 0.0
-        if ref_copy:  # train/reference.py: same ZeRO-3 partitioning (and param offload), no optimizer
+        if (
+            ref_copy
+        ):  # train/objectives/reference.py: same ZeRO-3 partitioning (and param offload), no optimizer
             if lay.offload_param:
                 cpu_ref = bpp.weight * pc.total / lay.num_nodes
             else:
@@ -772,27 +774,6 @@ def format_plan(plan: dict) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def compose_config(method: str, overrides: list[str]) -> Any:
-    """The run config `vlmtune sft` / `vlmtune mpo` would get from the same overrides.
-
-    ``data.meta_path`` is not read by the plan: left unset (``???``) it becomes a placeholder.
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from vlmtune.configs import CONFIG_DIR
-    from vlmtune.train.runtime.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None, job_name="vlmtune-plan"):
-        dcfg = compose(config_name=method, overrides=overrides)
-    for group in ("data", "eval_data"):
-        node = dcfg.get(group)
-        if node is not None and OmegaConf.is_missing(node, "meta_path"):
-            node.meta_path = "(not read by vlmtune plan)"
-    return OmegaConf.to_object(dcfg)
-
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="vlmtune plan",
@@ -825,6 +806,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
     method = "mpo" if args.mpo else "sft"
+    from vlmtune.train.runtime.config import compose_config
+
     cfg = compose_config(method, overrides)
     plan = make_plan(
         cfg,

@@ -24,7 +24,7 @@ PACKED_SDPA = "packed_sdpa"
 def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:
     """Offsets (after the first) where a packed sample starts in a single row: where its position id is 0.
 
-    Not transformers' ``diff != 1`` rule: V2PE's fractional ids (train/v2pe.py) step by δ inside a sample,
+    Not transformers' ``diff != 1`` rule: V2PE's fractional ids (train/model/v2pe.py) step by δ inside a sample,
     but still start every sample at exactly 0 (as flash-attention's ``prepare_fa_kwargs_from_position_ids``
     assumes), and equality with 0 has no rounding to go wrong however long the sample.
     """

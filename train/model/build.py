@@ -83,7 +83,7 @@ class ModelConfig:
 def resolve_attn_implementation(name: str) -> str:
     """Pick the attention kernel; "auto" prefers FlashAttention-2 (varlen: packs cost what their
     samples cost), then torch's own varlen flash kernel on a GPU (``packed_varlen``,
-    train/attention_varlen.py), else ``packed_sdpa`` (train/attention.py: sdpa per packed sample)."""
+    train/model/attention_varlen.py), else ``packed_sdpa`` (train/model/attention.py: sdpa per packed sample)."""
     import vlmtune.train.model.attention  # noqa: F401  (registers packed_sdpa with transformers)
     from vlmtune.train.model.attention_varlen import varlen_available  # (registers packed_varlen)
 
@@ -206,7 +206,7 @@ def _check_image_token(where: str, image_token_id: int, tokenizer: Any) -> None:
 
 def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> torch.nn.Module:
     """Load `cfg.pretrained` (never remote code) or initialise from the shapes; then freezing, checkpointing
-    and, when ``lora`` (train/lora.py's LoRAConfig) enables a part, the peft adapters.
+    and, when ``lora`` (train/model/lora.py's LoRAConfig) enables a part, the peft adapters.
 
     Random init draws from torch's global RNG: seed it first for reproducible weights.
     """
@@ -253,7 +253,7 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
 
     Liger's fused linear + cross-entropy stays off: it would compute its own token-mean loss, while the
     objectives need per-token log-probs for square averaging and the preference terms; the LM head
-    already runs only on supervised positions (train/modeling.py).
+    already runs only on supervised positions (train/model/forward.py).
     """
     if not torch.cuda.is_available():
         raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels are Triton)")

@@ -56,7 +56,7 @@ def v2pe_inputs(
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Position ids and attention mask for the model's V2PE δ (``config.v2pe_delta``, train/v2pe.py).
+    """Position ids and attention mask for the model's V2PE δ (``config.v2pe_delta``, train/model/v2pe.py).
 
     δ = 1: both unchanged. δ < 1: V2PE's fractional ids; a packed row (no mask) under sdpa/eager also
     gets its block-causal mask built here, since transformers' own would split at every image token.

@@ -26,7 +26,9 @@ LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 class MPOLossConfig:
     """The ``loss`` group for `vlmtune mpo` (defaults: the MPO paper / InternVL's launch scripts)."""
 
-    preference: str = "sigmoid"  # train/preference.py: sigmoid (DPO), ipo, hinge, robust, bco_pair, ...
+    preference: str = (
+        "sigmoid"  # train/objectives/preference.py: sigmoid (DPO), ipo, hinge, robust, bco_pair, ...
+    )
     beta: float = 0.1  # strength of the KL anchor to the reference
     label_smoothing: float = 0.0  # conservative DPO (sigmoid) / robust / exo / aot
     preference_weight: float = 0.8  # w_p

@@ -248,25 +248,6 @@ def bco_quality_loss(
     return PreferenceOutput(_bco(lp, beta, delta), *_rewards(lp, beta))
 
 
-def orpo_odds_ratio_loss(
-    policy_chosen_avg: torch.Tensor, policy_rejected_avg: torch.Tensor, *, beta: float
-) -> PreferenceOutput:
-    """ORPO's odds-ratio term (Hong et al. 2024, arXiv 2403.07691, eq. 7): -beta log sigma(log odds_c / odds_r).
-
-    Separate from ``preference_loss`` because it needs no reference model and reads the policy's
-    *per-token average* response log-probs (each < 0), not the sums. Add it to the chosen NLL loss.
-    Rewards are beta * average log-prob, as TRL's ORPOTrainer logs them.
-    """
-    chosen, rejected = policy_chosen_avg.float(), policy_rejected_avg.float()
-    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-    return PreferenceOutput(-beta * F.logsigmoid(log_odds), beta * chosen.detach(), beta * rejected.detach())
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, switching formula at -log 2 to avoid cancellation (Maechler 2012)."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
-
-
 class RewardShift:
     """The delta of ``bco_quality_loss``: mean of every implicit reward seen so far, chosen and rejected alike.
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from vlmtune.configs import CONFIG_DIR
 from vlmtune.data.dataset import DataConfig
 from vlmtune.train.model.build import ModelConfig
 from vlmtune.train.model.lora import LoRAConfig
@@ -33,7 +34,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The ZeRO layout; the DeepSpeed JSON is generated from these fields (see train/engine.py)."""
+    """The ZeRO layout; the DeepSpeed JSON is generated from these fields (see train/runtime/engine.py)."""
 
     zero_stage: int = 0  # 0 = plain data parallel, 1/2/3 = ZeRO stages
     offload_optimizer: bool = False  # optimizer states (and step) on CPU (ZeRO-Offload)
@@ -66,14 +67,14 @@ class WandbConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop's knobs (train/loop.py)."""
+    """The loop's knobs (train/runtime/loop.py)."""
 
     output_dir: str = "outputs/run"  # one fixed directory for all ranks; checkpoints, metrics, config, export
     seed: int = 42
     max_steps: int = 100  # optimizer steps; the data stream cycles epochs as needed
     micro_batch_size: int = 1  # packs per micro-batch (packing on) or samples (packing off)
     gradient_accumulation_steps: int = 1
-    loss_reduction: str = "square"  # token | sample | square (train/losses.py)
+    loss_reduction: str = "square"  # token | sample | square (data/token_weights.py)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     num_workers: int = 0  # DataLoader processes decoding and tiling images ahead of the loop
     log_every: int = 1
@@ -92,13 +93,13 @@ class SFTRunConfig:
     """Everything `vlmtune sft` needs; composed by Hydra from configs/sft.yaml."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (train/lora.py); off by default
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (train/model/lora.py); off by default
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: DataConfig | None = None  # held-out split (same fields; usually only meta_path differs)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
-    v2pe: V2PEConfig = field(default_factory=V2PEConfig)  # visual position increment (train/v2pe.py)
+    v2pe: V2PEConfig = field(default_factory=V2PEConfig)  # visual position increment (train/model/v2pe.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     prepare_demo: bool = False  # generate the synthetic data and tiny checkpoint first if missing
 
@@ -125,3 +126,28 @@ def register_schemas() -> None:
     cs.store(group="deepspeed", name="schema", node=DeepSpeedConfig)
     cs.store(group="packing", name="schema", node=PackingConfig)
     cs.store(group="v2pe", name="schema", node=V2PEConfig)
+
+
+def compose_config(method: str, overrides: list[str]) -> Any:
+    """The run config `vlmtune sft` / `vlmtune mpo` would get from the same overrides.
+
+    For what reads a config without training (`vlmtune plan`, tests, benchmarks): ``data.meta_path``
+    left unset (``???``) becomes a placeholder.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_schemas()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None, job_name=f"vlmtune-{method}"):
+        dcfg = compose(config_name=method, overrides=overrides)
+    for group in ("data", "eval_data"):
+        node = dcfg.get(group)
+        if node is not None and OmegaConf.is_missing(node, "meta_path"):
+            node.meta_path = "(not read)"
+    return OmegaConf.to_object(dcfg)
+
+
+def model_preset(name: str, overrides: list[str] = ()) -> Any:
+    """``configs/model/<name>.yaml`` as a `ModelConfig`, composed as a run would (its defaults list
+    included: the vision tower is a shared preset of its own)."""
+    return compose_config("sft", [f"model={name}", *overrides]).model

@@ -6,7 +6,7 @@ vision path is wired end to end. `vlmtune eval` (train/commands/eval.py) runs it
 A meta file with several datasets also gets the scores of each (``per_dataset``): one eval set can
 measure a new domain and the forgetting of an old one in the same pass (the LoRA demo does).
 Text records (``{"text": ...}``, pre-training corpora) in the meta file are scored by held-out
-perplexity instead (train/perplexity.py: ``text_perplexity``, ``text_nll``).
+perplexity instead (train/runtime/perplexity.py: ``text_perplexity``, ``text_nll``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def generate_answers(
     synced: bool,
 ) -> list[str]:
     """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order), with the
-    model's V2PE positions (train/v2pe.py) as in training."""
+    model's V2PE positions (train/model/v2pe.py) as in training."""
     from vlmtune.train.model.unwrap import model_device_dtype, unwrap
     from vlmtune.train.model.v2pe import prompt_position_ids
 

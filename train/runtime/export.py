@@ -94,6 +94,6 @@ def load_trained(path: str | Path, base: str | None = None) -> Any:
     config = load_internvl_config(base)
     settings = path / "vlmtune.json"
     if settings.exists() and "v2pe_delta" in (saved := json.loads(settings.read_text())):
-        config.v2pe_delta = saved["v2pe_delta"]  # the δ the adapters were trained with (train/v2pe.py)
+        config.v2pe_delta = saved["v2pe_delta"]  # the δ the adapters were trained with (train/model/v2pe.py)
     model = InternVLForConditionalGeneration.from_pretrained(base, config=config)
     return PeftModel.from_pretrained(model, path)

@@ -47,7 +47,7 @@ def test_pretrain_demo_improves_text_perplexity_and_image_accuracy(tmp_path):
             f"eval_data.meta_path={data / PRETRAIN_EVAL_META}",
             f"train.max_steps={STEPS}",
             "train.save_every=0",
-            "vlmtune.train.runtime.export=false",
+            "train.export=false",
         ]
     )
     results = json.loads((out / "eval.json").read_text())

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from vlmtune.train.model.build import (
     ModelConfig,
@@ -21,7 +20,7 @@ from vlmtune.train.model.build import (
 )
 from vlmtune.train.model.tiny import build_tokenizer, load_tiny_model_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "model"
 
 # Published totals: the "Model size" (safetensors parameter count) on each OpenGVLab/InternVL3-*(-hf) Hugging Face
 # page. Parts: InternViT-300M-448px-V2_5 "0.3B" and InternViT-6B-448px-V2_5 "5.5B" (its 45-layer cut; the
@@ -50,8 +49,9 @@ PUBLISHED_LLM = {"38b": 32.8e9 - (152064 - 151674) * 5120 * 2}  # Qwen2.5-32B, m
 
 
 def load_model_config(name: str) -> ModelConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
-    return OmegaConf.to_object(merged)
+    from vlmtune.train.runtime.config import model_preset
+
+    return model_preset(name)
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED_TOTAL))

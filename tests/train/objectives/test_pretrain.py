@@ -162,7 +162,7 @@ def test_two_rank_zero3_mixture_with_imageless_packs_logs_exact_dataset_tokens(m
         "train.eval_before": False,
         "train.max_steps": STEPS,
         "train.save_every": STEPS,
-        "vlmtune.train.runtime.export": False,
+        "train.export": False,
         "data.max_length": DATA_CFG["max_length"],
         "packing.max_tokens": DATA_CFG["packing.max_tokens"],
         "train.gradient_accumulation_steps": gas,

@@ -15,7 +15,7 @@ from vlmtune.train.commands.runner import check_config
 from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig, register_schemas
 from vlmtune.train.runtime.engine import build_ds_config, cosine_with_warmup
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _compose(overrides: list[str]):

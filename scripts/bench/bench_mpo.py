@@ -1,12 +1,12 @@
 """Benchmark MPO: vlmtune's objective vs TRL's ``DPOTrainer`` (MPO loss mix), same model, data and step size.
 
 Both sides train the tiny InternVL3 checkpoint (``train.tiny.build_tiny_checkpoint``, fp32, CPU) on the
-same synthetic preference pairs (``data.synthetic.generate_pair_dataset``, images of 150-300 px cut into
+same synthetic preference pairs (``vlmtune.data.synthetic.generate_pair_dataset``, images of 150-300 px cut into
 up to 6 tiles of 56 px + a thumbnail), ``--pairs`` pairs per optimizer step, AdamW at a constant lr,
 no weight decay, gradients clipped at 1.0, vision tower and projector frozen (as InternVL's MPO
 scripts freeze the vision backbone; ``--train-vision`` trains everything).
 
-- **ours**: the real `vlmtune mpo` pieces (``train.mpo.MPOMethod``: ``PairProcessor`` ->
+- **ours**: the real `vlmtune mpo` pieces (``vlmtune.train.commands.mpo.MPOMethod``: ``PairProcessor`` ->
   ``collate_pairs`` in the tree layout -> ``MPOObjective`` with a frozen-copy reference that reuses
   the policy's image features) driven by a plain torch loop instead of a DeepSpeed engine: forward,
   backward, clip, ``AdamW.step``, ``on_step_end`` (BCO's reward shift), as ``train/runtime/loop.py`` does

@@ -6,7 +6,7 @@ task, see ``prepare``: an image of 40-300 px cut into up to 6 tiles of 56 px + a
 text; file order, no JPEG augmentation on either side) with ``--samples-per-step`` samples per optimizer step, AdamW at a constant lr, no
 weight decay, gradients clipped at 1.0, loss averaged over the step's supervised tokens.
 
-- **ours**: the real `vlmtune sft` pieces (``train.sft.SFTMethod``: ``SampleProcessor`` ->
+- **ours**: the real `vlmtune sft` pieces (``vlmtune.train.commands.sft.SFTMethod``: ``SampleProcessor`` ->
   ``collate_packed`` -> ``SFTObjective`` with ``train.loss_reduction=token``, the model from
   ``build_model`` with its CPU attention, ``packed_sdpa``) driven by a plain torch loop instead of a
   DeepSpeed engine, as ``train/runtime/loop.py`` does at ZeRO-0 on one rank. Each step's samples are one packed

@@ -4,7 +4,7 @@ A model big enough that weights, gradients and Adam states dominate memory: the 
 tower and projector with a wider, deeper random-init Qwen2 LLM (``--hidden``, ``--layers``: ~70M
 parameters by default, ~1.1 GB of fp32 model states at 16 bytes/param), the tiny checkpoint's
 tokenizer (``model.pretrained=null model.tokenizer=<tiny dir>``). Each layout trains the real
-`vlmtune sft` (``python -m train.sft``, ``DS_ACCELERATOR=cpu``, fp32) for ``--steps`` steps on
+`vlmtune sft` (``python -m vlmtune.train.commands.sft``, ``DS_ACCELERATOR=cpu``, fp32) for ``--steps`` steps on
 short packs of synthetic data, so activations stay small beside the model states:
 
 - **zero0**: one process, ZeRO-0 (each rank would hold everything);
@@ -12,11 +12,11 @@ short packs of synthetic data, so activations stay small beside the model states
   ``stage3_param_persistence_threshold=0`` (every parameter partitioned, as at real sizes);
 - **zero2** (``--zero2``): two processes, ZeRO-2.
 
-Each rank runs ``train.sft`` inside this script (``--rank-child``), which writes the process's own
+Each rank runs ``vlmtune.train.commands.sft`` inside this script (``--rank-child``), which writes the process's own
 peak RSS (``VmHWM``, see ``common.peak_rss_mib``; not ``ru_maxrss``, which a child inherits from its
 parent) to a file per rank on exit: the whole process's peak, imports, model build and
 DeepSpeed's partitioning included. ``idle`` is a process that imports the same modules (torch,
-deepspeed, transformers, train.sft) and exits: its peak is subtracted to give the training part
+deepspeed, transformers, vlmtune.train.commands.sft) and exits: its peak is subtracted to give the training part
 ("growth"). Beside the measurements, the model-state bytes per rank that ``vlmtune plan``
 (``train.plan.make_plan``) predicts for the same config, fp32, on ``nproc`` "GPUs". Under ZeRO-3
 vlmtune builds the model already partitioned (``deepspeed.zero.Init``, train/runtime/engine.py).
@@ -72,7 +72,10 @@ BOUNDED_BUFFERS = {
     "+deepspeed.extra.zero_optimization.stage3_max_live_parameters": 1_000_000,
     "+deepspeed.extra.zero_optimization.stage3_max_reuse_distance": 0,
 }
-IDLE_IMPORTS = "import torch, deepspeed, transformers, train.sft, train.loop, train.engine"
+IDLE_IMPORTS = (
+    "import torch, deepspeed, transformers, vlmtune.train.commands.sft, vlmtune.train.runtime.loop, "
+    "vlmtune.train.runtime.engine"
+)
 
 
 def prepare(workdir: Path, num_train: int) -> tuple[Path, Path]:
@@ -176,7 +179,7 @@ def run_idle(args: argparse.Namespace) -> float:
 
 
 def rank_child(peaks: Path, overrides: list[str]) -> None:
-    """Run ``train.sft`` in this process and record its peak RSS on the way out (exit or exception)."""
+    """Run ``vlmtune.train.commands.sft`` in this process and record its peak RSS on the way out (exit or exception)."""
     rank = os.environ.get("RANK", "0")
 
     def write() -> None:
@@ -276,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", default=str(REPO / "outputs" / "bench" / "zero_work"))
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "zero.json"))
-    parser.add_argument("--rank-child", help=argparse.SUPPRESS)  # child: run train.sft, write its peak
+    parser.add_argument("--rank-child", help=argparse.SUPPRESS)  # child: run vlmtune sft, write its peak
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:

@@ -43,11 +43,6 @@ class MPOMethod:
             )
         return self.layout
 
-    def prepare_demo(self, cfg: Any) -> None:
-        from vlmtune.train.demo.prepare import prepare_mpo_demo
-
-        prepare_mpo_demo(cfg)
-
     def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Any:
         from vlmtune.data.pairs import PairProcessor
 

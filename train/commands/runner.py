@@ -41,9 +41,6 @@ class Method(Protocol):
     ) -> Objective:
         """``rebuild()`` builds the starting model again (MPO's frozen reference under ZeRO-3)."""
 
-    def prepare_demo(self, cfg: Any) -> None:
-        """Generate the demo's data and starting checkpoint (``prepare_demo=true``, rank 0 only)."""
-
     def on_engine(
         self,
         cfg: Any,
@@ -142,12 +139,14 @@ def run_training(cfg: Any, method: Method) -> dict[str, Any]:
 # ---- phases -------------------------------------------------------------------------------------
 
 
-def setup_output_dir(cfg: Any, method: Method, rank: int) -> Path:
+def setup_output_dir(cfg: Any, rank: int) -> Path:
     """The demo's data first when asked, then the output dir with the resolved config."""
     out_dir = Path(cfg.train.output_dir)
-    if cfg.prepare_demo:
+    if cfg.prepare_demo:  # the demo presets only (train/demo/)
         if rank == 0:
-            method.prepare_demo(cfg)
+            from vlmtune.train.demo.prepare import prepare_demo_inputs
+
+            prepare_demo_inputs(cfg)
         dist.barrier()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +289,7 @@ def _train(
     from vlmtune.train.runtime.loop import train_loop
     from vlmtune.train.runtime.metrics import MetricsLogger
 
-    out_dir = setup_output_dir(cfg, method, rank)
+    out_dir = setup_output_dir(cfg, rank)
     tokenizer = load_tokenizer(cfg)
     built = build_starting_model(cfg, tokenizer, partitioned, rank, world)
     data = build_data(cfg, method, tokenizer, built.tokens_per_tile, out_dir)

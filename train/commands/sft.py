@@ -26,11 +26,6 @@ class SFTMethod:
             return lambda samples: collate_packed(samples, reduction)
         return lambda samples: collate_padded(samples, reduction, tokenizer.pad_token_id)
 
-    def prepare_demo(self, cfg: Any) -> None:
-        from vlmtune.train.demo.prepare import prepare_demo
-
-        prepare_demo(cfg)
-
     def objective(self, cfg: Any, model: Any, ds_config: dict, rebuild: Any = None) -> Any:
         from vlmtune.train.objectives.sft import SFTObjective
 

@@ -26,6 +26,17 @@ DEMO_MAX_ASPECT = 1.25
 LORA_DEMO_TASKS = {"background": 1.0}
 
 
+def prepare_demo_inputs(cfg: Any) -> None:
+    """What a demo preset's ``prepare_demo=true`` runs first (rank 0): the inputs of the MPO demo
+    for `vlmtune mpo`, else those of the SFT, LoRA or pre-training demo."""
+    from vlmtune.train.runtime.config import MPORunConfig
+
+    if isinstance(cfg, MPORunConfig):
+        prepare_mpo_demo(cfg)
+    else:
+        prepare_demo(cfg)
+
+
 def prepare_demo(cfg: Any, num_train: int = 6000, num_eval: int = 200) -> None:
     """Generate the demo dataset and tiny checkpoint where the config expects them, if missing.
 

@@ -101,7 +101,9 @@ class SFTRunConfig:
     packing: PackingConfig = field(default_factory=PackingConfig)
     v2pe: V2PEConfig = field(default_factory=V2PEConfig)  # visual position increment (train/model/v2pe.py)
     train: TrainConfig = field(default_factory=TrainConfig)
-    prepare_demo: bool = False  # generate the synthetic data and tiny checkpoint first if missing
+    prepare_demo: bool = (
+        False  # demo presets only: generate their data and tiny checkpoint first (train/demo/)
+    )
 
 
 @dataclass

@@ -1,7 +1,11 @@
-"""`vlmtune eval --model DIR --meta META [--out eval.json]`: the held-out figures of an exported model.
+"""`vlmtune eval --model DIR --meta META [--engine vlmtune|transformers|vllm|all] [--out eval.json]`.
 
-The model is prompted with the settings it was trained with (its vlmtune.json), so the figures equal
-the ones written at the end of training.
+``vlmtune`` (the default): the held-out figures of an exported model through vlmtune's own pipeline,
+prompted with the settings it was trained with (its vlmtune.json), equal to the ones written at the
+end of training. ``transformers`` / ``vllm``: the same questions through plain transformers
+(`AutoProcessor`, the export's chat template, `generate`) or vLLM, as users serve the model. With
+several engines the output adds how often each agrees with vlmtune's greedy answers and the first
+questions where they differ, with their inputs.
 """
 
 from __future__ import annotations
@@ -10,17 +14,87 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from vlmtune.train.runtime.evaluate import evaluate_accuracy, trained_data_config
+from vlmtune.train.runtime.evaluate import (
+    evaluate_accuracy,
+    majority_baseline,
+    normalise_answer,
+    per_dataset_scores,
+    trained_data_config,
+)
+
+ENGINES = ("vlmtune", "transformers", "vllm")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`vlmtune eval --model DIR --meta META [--out eval.json]` on an exported HF directory."""
+def vlmtune_results(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from vlmtune.train.model.build import num_image_tokens_per_tile
     from vlmtune.train.runtime.export import load_trained
 
+    model = load_trained(args.model, args.base)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data_cfg = trained_data_config(args.model, model.config, args.meta)
+    return evaluate_accuracy(
+        model,
+        tokenizer,
+        data_cfg,
+        num_image_tokens_per_tile(model.config),
+        args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        keep_records=True,
+    )
+
+
+def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Exact match of one serving engine on the meta file's questions, with every answer kept."""
+    from vlmtune.train.runtime.engines import eval_items, transformers_answers, vllm_answers
+
+    items = eval_items(args.meta, args.seed, args.max_samples)
+    if engine == "transformers":
+        answers = transformers_answers(args.model, items, args.max_new_tokens, args.base)
+    else:
+        answers = vllm_answers(args.model, items, args.max_new_tokens)
+    records = [
+        {"dataset": i.dataset, "source": i.source, "answer": i.answer, "prediction": a}
+        for i, a in zip(items, answers)
+    ]
+    correct = sum(normalise_answer(r["prediction"]) == normalise_answer(r["answer"]) for r in records)
+    results: dict[str, Any] = {
+        "accuracy": correct / max(1, len(records)),
+        "majority_baseline": majority_baseline(records),
+        "num_samples": len(records),
+        "records": records,
+        "items": items,
+    }
+    if len({r["dataset"] for r in records}) > 1:
+        results["per_dataset"] = per_dataset_scores(records)
+    return results
+
+
+def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Agreement of each serving engine's greedy answers with vlmtune's, question by question (matched
+    by file:line), and the first disagreements with their inputs."""
+    from dataclasses import asdict
+
+    ours = {r["source"]: r["prediction"] for r in results["vlmtune"]["records"]}
+    out: dict[str, Any] = {"agreement_with_vlmtune": {}, "disagreements": {}}
+    for engine, res in results.items():
+        if engine == "vlmtune":
+            continue
+        pairs = [(r, i) for r, i in zip(res["records"], res["items"]) if r["source"] in ours]
+        same = [normalise_answer(r["prediction"]) == normalise_answer(ours[r["source"]]) for r, _ in pairs]
+        out["agreement_with_vlmtune"][engine] = {"rate": sum(same) / max(1, len(same)), "n": len(same)}
+        out["disagreements"][engine] = [
+            {"vlmtune": ours[r["source"]], engine: r["prediction"], "answer": r["answer"], **asdict(i)}
+            for (r, i), ok in zip(pairs, same)
+            if not ok
+        ][:5]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune eval", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model", required=True, help="HF-format model or LoRA adapter directory (OUTPUT_DIR/hf or /adapter)"
@@ -29,17 +103,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta", required=True, help="InternVL meta JSON of the held-out split")
     parser.add_argument("--out", default=None, help="where to write eval.json (default: print only)")
     parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (greedy)")
+    parser.add_argument("--engine", default="vlmtune", choices=[*ENGINES, "all"])
+    parser.add_argument("--seed", type=int, default=0, help="the eval set's order (data.seed of the run)")
     args = parser.parse_args(argv)
-    model = load_trained(args.model, args.base)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data_cfg = trained_data_config(args.model, model.config, args.meta)
-    results = evaluate_accuracy(
-        model, tokenizer, data_cfg, num_image_tokens_per_tile(model.config), args.max_samples
-    )
-    text = json.dumps(results, indent=2)
+    engines = ENGINES if args.engine == "all" else (args.engine,)
+    if args.engine == "all":
+        from vlmtune.train.runtime.engines import vllm_missing_message, vllm_python
+
+        if vllm_python() is None:
+            print(
+                f"vlmtune eval: {vllm_missing_message()}; running vlmtune and transformers only",
+                file=sys.stderr,
+            )
+            engines = ("vlmtune", "transformers")
+    if engines == ("vlmtune",):
+        results = vlmtune_results(args)
+        results.pop("records")
+        shown = {k: v for k, v in results.items() if k != "examples"}
+    else:
+        per_engine: dict[str, dict[str, Any]] = {}
+        for engine in engines:
+            per_engine[engine] = (
+                vlmtune_results(args) if engine == "vlmtune" else serving_results(engine, args)
+            )
+        results = {"engines": {}}
+        if "vlmtune" in per_engine:
+            results.update(compare(per_engine))
+        for engine, res in per_engine.items():
+            results["engines"][engine] = {k: v for k, v in res.items() if k not in ("records", "items")}
+        shown = {
+            "engines": {
+                e: {k: v for k, v in r.items() if k != "examples"} for e, r in results["engines"].items()
+            },
+            **{k: v for k, v in results.items() if k == "agreement_with_vlmtune"},
+        }
     if args.out:
-        Path(args.out).write_text(text)
-    print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
+        Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -126,8 +126,11 @@ def merge_lora(
         )
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    from vlmtune.data.serving import stop_at_im_end
+
+    stop_at_im_end(merged.generation_config, tokenizer)
     merged.save_pretrained(staging, safe_serialization=True)
-    write_companions(staging, tokenizer, str(adapter_dir), {**settings, "merge_check": check})
+    write_companions(staging, tokenizer, str(adapter_dir), {**settings, "merge_check": check}, merged.config)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return check

@@ -250,19 +250,19 @@ def resume(cfg: Any, engine: Any, objective: Objective, data: TrainData, out_dir
     return shared["step"]
 
 
-def export(cfg: Any, engine: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """The HF directory (full fine-tune) or the peft adapter directory (LoRA)."""
+def export(cfg: Any, engine: Any, tokenizer: Any, out_dir: Path, specs: list) -> Path:
+    """The HF directory (full fine-tune) or the peft adapter directory (LoRA), with the run's data
+    settings for the serving files (and the datasets whose meta entry tiled otherwise)."""
     from vlmtune.data.dataset import sample_settings
+    from vlmtune.data.serving import per_dataset_tiling
     from vlmtune.train.runtime.export import export_adapter, export_hf
 
+    settings = sample_settings(cfg.data)
+    extra: dict[str, Any] = {"data": settings}
+    if own := per_dataset_tiling(specs, settings):
+        extra["per_dataset_tiling"] = own
     write, target = (export_adapter, out_dir / "adapter") if cfg.lora.enabled else (export_hf, out_dir / "hf")
-    write(
-        engine,
-        tokenizer,
-        target,
-        source_dir=cfg.model.tokenizer or cfg.model.pretrained,
-        extra={"data": sample_settings(cfg.data)},
-    )
+    write(engine, tokenizer, target, source_dir=cfg.model.tokenizer or cfg.model.pretrained, extra=extra)
     return target
 
 
@@ -343,7 +343,7 @@ def _train(
     )
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": data.report.to_dict()}
     if cfg.train.export:
-        summary["export"] = str(export(cfg, engine, tokenizer, out_dir))
+        summary["export"] = str(export(cfg, engine, tokenizer, out_dir, data.specs))
     if evaluate is not None:
         results = evaluate(step)
         if before is not None:

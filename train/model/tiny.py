@@ -223,7 +223,6 @@ def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFas
 
 TINY_CONFIG = Path(CONFIG_DIR) / "model" / "tiny.yaml"
 TINY_SEED = 0
-MAX_TILES = 12  # InternVL3's max_dynamic_patch
 
 
 def load_tiny_model_config():
@@ -237,37 +236,10 @@ def load_tiny_model_config():
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, image_seq_length: int):
-    """`InternVLProcessor` as InternVL3-hf ships it (GotOcr2 image processor, ImageNet mean/std, bicubic, up to
-    12 tiles + thumbnail), at the given tile size."""
-    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
-    from transformers.image_utils import PILImageResampling
+    """`InternVLProcessor` as InternVL3-hf ships it (up to 12 tiles + thumbnail), at the given tile size."""
+    from vlmtune.data.serving import build_processor as internvl_processor
 
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    size = {"height": image_size, "width": image_size}
-    image_processor = GotOcr2ImageProcessor(
-        do_resize=True,
-        size=size,
-        resample=PILImageResampling.BICUBIC,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=mean,
-        image_std=std,
-        do_convert_rgb=True,
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=MAX_TILES,
-    )
-    video_processor = InternVLVideoProcessor(
-        size=size, resample=PILImageResampling.BICUBIC, image_mean=mean, image_std=std, do_convert_rgb=True
-    )
-    return InternVLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        image_seq_length=image_seq_length,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return internvl_processor(tokenizer, image_size, image_seq_length, CHAT_TEMPLATE)
 
 
 def build_tiny_checkpoint(path: str | Path) -> Path:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import II
 
 from vlmtune.configs import CONFIG_DIR
 from vlmtune.data.dataset import DataConfig
@@ -17,6 +18,23 @@ from vlmtune.train.model.build import ModelConfig
 from vlmtune.train.model.lora import LoRAConfig
 from vlmtune.train.model.v2pe import V2PEConfig
 from vlmtune.train.objectives.mpo import MPOLossConfig
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    """The ``eval_data`` block: every sample setting follows ``data.*`` unless set, so held-out questions
+    are prompted and tiled as the training data was (a preset or a user sets only ``meta_path``)."""
+
+    max_length: int | None = II("data.max_length")
+    image_size: int = II("data.image_size")
+    max_dynamic_patch: int = II("data.max_dynamic_patch")
+    min_dynamic_patch: int = II("data.min_dynamic_patch")
+    use_thumbnail: bool = II("data.use_thumbnail")
+    min_num_frames: int = II("data.min_num_frames")
+    max_num_frames: int = II("data.max_num_frames")
+    jpeg_quality_range: tuple[int, int] = II("data.jpeg_quality_range")
+    system_prompt: str | None = II("data.system_prompt")
+    seed: int = II("data.seed")
 
 
 @dataclass
@@ -95,7 +113,7 @@ class SFTRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (train/model/lora.py); off by default
     data: DataConfig = field(default_factory=DataConfig)
-    eval_data: DataConfig | None = None  # held-out split (same fields; usually only meta_path differs)
+    eval_data: EvalDataConfig | None = None  # held-out split: sample settings follow data.* unless set
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)

@@ -95,8 +95,12 @@ def evaluate_accuracy(
     max_samples: int | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 8,
+    keep_records: bool = False,
 ) -> dict[str, Any]:
-    """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks."""
+    """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks.
+
+    ``keep_records``: every question's record (source file:line, answer, prediction) under
+    ``records``, for comparing engines (`vlmtune eval --engine all`)."""
     from vlmtune.data.dataset import SampleProcessor, iter_samples
     from vlmtune.data.meta import build_index, load_meta
     from vlmtune.data.report import SkipReport
@@ -138,6 +142,7 @@ def evaluate_accuracy(
             records.append(
                 {
                     "dataset": s["dataset"],
+                    "source": s["source"],
                     "question": question,
                     "answer": answer,
                     "prediction": pred,
@@ -164,7 +169,7 @@ def evaluate_accuracy(
         from vlmtune.train.runtime.perplexity import text_perplexity
 
         results.update(text_perplexity(model, texts))
-    return {**results, "examples": records[:10]}
+    return {**results, "examples": records[:10], **({"records": records} if keep_records else {})}
 
 
 def per_dataset_scores(records: list[dict]) -> dict[str, dict[str, float]]:

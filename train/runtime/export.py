@@ -9,6 +9,7 @@ way it was trained.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch.distributed as dist
 
 from vlmtune.train.model.unwrap import unwrap
+
+log = logging.getLogger("vlmtune")
 
 PROCESSOR_FILES = (
     "processor_config.json",
@@ -38,9 +41,12 @@ def export_hf(
     else:
         state_dict = model.state_dict() if rank == 0 else None
     if rank == 0:
+        from vlmtune.data.serving import stop_at_im_end
+
         out.mkdir(parents=True, exist_ok=True)
+        stop_at_im_end(model.generation_config, tokenizer)
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        write_companions(out, tokenizer, source_dir, extra)
+        write_companions(out, tokenizer, source_dir, extra, model.config)
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
@@ -60,19 +66,47 @@ def export_adapter(
         peft_model_of(engine).save_pretrained(out, state_dict=state, safe_serialization=True)
         delta = getattr(unwrap(engine).config, "v2pe_delta", None)  # V2PE: no model config.json here
         extra = {**(extra or {}), **({} if delta is None else {"v2pe_delta": float(delta)})}
-        write_companions(out, tokenizer, source_dir, extra)
+        write_companions(out, tokenizer, source_dir, extra, unwrap(engine).config)
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
 
 
-def write_companions(out: Path, tokenizer: Any, source_dir: str | None, extra: dict | None) -> None:
-    """Tokenizer, the processor files (so AutoProcessor works on the output) and vlmtune.json."""
-    tokenizer.save_pretrained(out)
-    if source_dir is not None:
+def write_companions(
+    out: Path, tokenizer: Any, source_dir: str | None, extra: dict | None, model_config: Any
+) -> None:
+    """Tokenizer, processor files and chat template describing the run (data/serving.py), and
+    vlmtune.json; warns where a serving stack will still not do what training did."""
+    from vlmtune.data.serving import write_serving_files
+    from vlmtune.train.model.build import num_image_tokens_per_tile
+
+    settings = (extra or {}).get("data")
+    if settings is not None:  # settings left out are DataConfig's defaults at the model's tile size
+        from vlmtune.data.dataset import DataConfig, sample_settings
+        from vlmtune.train.model.build import tile_size
+
+        default = DataConfig(meta_path="-", image_size=tile_size(model_config.vision_config))
+        settings = {**sample_settings(default), **settings}
+    if settings is None and source_dir is not None:  # no run settings known: the source's files as they are
         for name in PROCESSOR_FILES:
             if (Path(source_dir) / name).exists():
                 shutil.copy(Path(source_dir) / name, out / name)
+    gaps = write_serving_files(
+        out,
+        tokenizer,
+        source_dir,
+        settings,
+        num_image_tokens_per_tile(model_config),
+        (extra or {}).get("per_dataset_tiling"),
+    )
+    delta = getattr(model_config, "v2pe_delta", None)
+    if delta is not None and float(delta) != 1.0:
+        gaps.append(
+            f"V2PE (v2pe_delta={delta}): transformers and vLLM ignore it and use standard positions; "
+            "`vlmtune eval --engine all` shows what a plain client then gets"
+        )
+    for gap in gaps:
+        log.warning("export %s: %s", out, gap)
     (out / "vlmtune.json").write_text(json.dumps(extra or {}, indent=2, default=str))
 
 

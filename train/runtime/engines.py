@@ -1,0 +1,203 @@
+"""Evaluation through the stacks users serve with: plain transformers and vLLM, beside vlmtune's own.
+
+Neither engine uses vlmtune's sample pipeline: each reads the eval records as a client would (the
+image files and the question text of the jsonl), prompts with the export's own chat template and
+processor, and decodes greedily. What they answer is what a deployed model answers, so comparing
+them with `vlmtune eval` catches every difference between training and serving (tiling, template,
+system prompt, weight layout) that a check through our own loading code would hide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+#: Where `scripts/make_serving_venv.sh` puts vLLM (a venv of its own: it pins its own torch), outside the
+#: checkout so that it survives clean checkouts; ``VLMTUNE_VLLM_PYTHON`` names another interpreter.
+VLLM_PYTHON_ENV = "VLMTUNE_VLLM_PYTHON"
+DEFAULT_VLLM_VENV = Path.home() / ".cache" / "vlmtune" / "vllm-venv"
+
+
+@dataclass
+class EvalItem:
+    """One held-out question as a client sends it: chat messages with image parts, the image files."""
+
+    source: str  # file:line of the record
+    dataset: str
+    answer: str
+    messages: list[dict[str, Any]]
+    images: list[str] = field(default_factory=list)
+
+
+def human_content(text: str, num_images: int) -> list[dict[str, Any]]:
+    """A user turn as content parts: images where the record puts ``<image>`` (the newline after a
+    placeholder belongs to the template's image part), or all images first when it names none."""
+    if IMAGE_PLACEHOLDER not in text:
+        prefix = [{"type": "image"}] if num_images == 1 else []
+        if num_images > 1:  # InternVL's multi-image prompt: "Image-1: <image>\nImage-2: <image>\n..."
+            for i in range(1, num_images + 1):
+                prefix += [{"type": "text", "text": f"Image-{i}: "}, {"type": "image"}]
+        return [*prefix, {"type": "text", "text": text}]
+    parts: list[dict[str, Any]] = []
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def record_to_item(record: dict[str, Any], root: Path, source: str, dataset: str) -> EvalItem | None:
+    """The record's conversation up to its last answer; None for what these engines don't take
+    (video, text records without a conversation)."""
+    if "video" in record or "conversations" not in record:
+        return None
+    images = record.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    paths = [str(p if Path(p).is_absolute() else root / p) for p in images]
+    turns = record["conversations"]
+    last = max(i for i, t in enumerate(turns) if t["from"] == "gpt")
+    messages: list[dict[str, Any]] = []
+    first_human = True
+    for turn in turns[:last]:
+        if turn["from"] == "system":
+            messages.append({"role": "system", "content": [{"type": "text", "text": turn["value"]}]})
+        elif turn["from"] == "human":
+            n = len(paths) if first_human else 0
+            messages.append({"role": "user", "content": human_content(turn["value"], n)})
+            first_human = False
+        else:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
+    return EvalItem(source, dataset, turns[last]["value"].strip(), messages, paths)
+
+
+def eval_items(meta_path: str, seed: int, max_samples: int | None) -> list[EvalItem]:
+    """The held-out questions in `vlmtune eval`'s order (the meta file's seeded index)."""
+    from vlmtune.data.meta import build_index, jsonl_file, load_meta
+
+    specs = load_meta(meta_path)
+    index = build_index(specs, seed)[: max_samples if max_samples is not None else None]
+    items = []
+    for ds, line in index:
+        spec, jf = specs[ds], jsonl_file(specs[ds].annotation)
+        try:
+            record = jf.read(line)
+        except Exception:  # a bad line: vlmtune's eval skips it too
+            continue
+        item = record_to_item(record, spec.root, jf.source(line), spec.name)
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def load_images(paths: list[str]) -> list[Any]:
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def transformers_answers(model_dir: str, items: list[EvalItem], max_new_tokens: int, base: str | None = None):
+    """Greedy answers from `AutoProcessor` + its chat template + `generate`: nothing of vlmtune.
+
+    An adapter directory is loaded as peft users do: the base model, then `PeftModel.from_pretrained`.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    adapter = (Path(model_dir) / "adapter_config.json").exists()
+    if adapter:
+        from peft import PeftConfig, PeftModel
+
+        base = base or PeftConfig.from_pretrained(model_dir).base_model_name_or_path
+        model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), model_dir)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    model.eval()
+    answers = []
+    with torch.no_grad():
+        for item in items:
+            text = processor.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+            images = load_images(item.images) or None
+            inputs = processor(text=text, images=images, return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers.append(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def vllm_python() -> Path | None:
+    """The serving venv's interpreter, if it exists."""
+    path = Path(os.environ.get(VLLM_PYTHON_ENV, DEFAULT_VLLM_VENV / "bin" / "python"))
+    return path if path.exists() else None
+
+
+def vllm_missing_message() -> str:
+    return (
+        f"vLLM's serving venv not found (set {VLLM_PYTHON_ENV} or create {DEFAULT_VLLM_VENV} with "
+        "`bash scripts/make_serving_venv.sh`)"
+    )
+
+
+def vllm_answers(
+    model_dir: str, items: list[EvalItem], max_new_tokens: int, timeout: int = 1800
+) -> list[str]:
+    """Greedy answers from vLLM (its own venv, in a subprocess: it pins its own torch)."""
+    python = vllm_python()
+    if python is None:
+        raise RuntimeError(vllm_missing_message())
+    worker = Path(__file__).with_name("vllm_worker.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        request, reply = Path(tmp) / "request.json", Path(tmp) / "reply.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "model": str(model_dir),
+                    "max_new_tokens": max_new_tokens,
+                    "items": [asdict(i) for i in items],
+                }
+            )
+        )
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": ""}
+        proc = subprocess.run(
+            [str(python), str(worker), str(request), str(reply)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM failed on {model_dir} ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        return json.loads(reply.read_text())["answers"]
+
+
+def agreement(a: list[str], b: list[str], normalise: Any) -> float:
+    return sum(normalise(x) == normalise(y) for x, y in zip(a, b)) / max(1, len(a))
+
+
+def first_disagreements(
+    items: list[EvalItem], answers: dict[str, list[str]], normalise: Any, limit: int = 5
+) -> list[dict[str, Any]]:
+    """The first questions where the engines answer differently, with their inputs."""
+    out = []
+    names = list(answers)
+    for k, item in enumerate(items):
+        given = {name: answers[name][k] for name in names}
+        if len({normalise(v) for v in given.values()}) > 1:
+            out.append({"source": item.source, "images": item.images, "messages": item.messages, **given})
+            if len(out) == limit:
+                break
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid: print the items of a meta file
+    for it in eval_items(sys.argv[1], 0, 5):
+        print(json.dumps(asdict(it)))

@@ -309,3 +309,42 @@ def tokenize_text(
             pieces.append((part, True))
     pieces.append((tokenizer.eos_token or IM_END, True))
     return _encode_pieces(pieces, tokenizer, max_length)
+
+
+PROBE_CONVERSATION = [
+    {"from": "system", "value": "You are a careful assistant."},
+    {"from": "human", "value": "What is drawn here?"},
+    {"from": "gpt", "value": "A red circle."},
+    {"from": "human", "value": "And its size?"},
+    {"from": "gpt", "value": "Small."},
+]
+
+
+def check_chat_format(tokenizer: Any, where: str) -> None:
+    """Refuse, before training, a tokenizer whose own chat template formats a conversation otherwise
+    than `tokenize_conversation` (another template family, other role names or separators): such a
+    model would be trained in one format and served in another. No template: nothing to compare."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return
+    ours, _ = tokenize_conversation(PROBE_CONVERSATION, tokenizer, [], system_prompt=None)
+    messages = [
+        {"role": _ROLE_NAMES[t["from"]], "content": [{"type": "text", "text": t["value"]}]}
+        for t in PROBE_CONVERSATION
+    ]
+    try:
+        theirs = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template for plain-string contents only
+        theirs = tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"][0]["text"]} for m in messages], tokenize=False
+        )
+    ours_text = tokenizer.decode(ours)
+    if theirs.rstrip("\n") != ours_text.rstrip("\n"):
+        at = next(
+            (i for i, (a, b) in enumerate(zip(ours_text, theirs)) if a != b), min(len(ours_text), len(theirs))
+        )
+        raise ValueError(
+            f"{where}: the tokenizer's chat template formats a conversation differently from the one vlmtune "
+            f"trains with (InternVL3 / Qwen2.5 chat format), from character {at}:\n"
+            f"  vlmtune:  {ours_text[max(0, at - 40) : at + 60]!r}\n  template: {theirs[max(0, at - 40) : at + 60]!r}"
+        )

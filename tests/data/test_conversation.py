@@ -198,3 +198,18 @@ def test_validate_record_media_forms():
     assert validate_record({**base, "image": ""}).images == []
     r = validate_record({**base, "video": "v.mp4"})
     assert r.video == "v.mp4" and r.images == []
+
+
+def test_chat_format_check_accepts_the_internvl3_template_and_refuses_another():
+    """The start-of-run check compares vlmtune's hand-built format with the tokenizer's own template."""
+    from vlmtune.data.conversation import check_chat_format
+    from vlmtune.data.serving import chat_template_with_system
+    from vlmtune.train.model.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    check_chat_format(tok, "tiny")  # InternVL3-hf's template: the same format
+    tok.chat_template = chat_template_with_system(tok.chat_template, "Be brief.")  # an export's template
+    check_chat_format(tok, "export")
+    tok.chat_template = tok.chat_template.replace("message['role'] + '\n'", "message['role'] + ': '")
+    with pytest.raises(ValueError, match="broken: the tokenizer's chat template formats"):
+        check_chat_format(tok, "broken")

@@ -104,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to write eval.json (default: print only)")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (greedy)")
-    parser.add_argument("--engine", default="vlmtune", choices=[*ENGINES, "all"])
+    parser.add_argument(
+        "--engine", default="vlmtune", help=f"one of {', '.join(ENGINES)}, a comma-separated list, or all"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the eval set's order (data.seed of the run)")
     args = parser.parse_args(argv)
-    engines = ENGINES if args.engine == "all" else (args.engine,)
+    engines = ENGINES if args.engine == "all" else tuple(e.strip() for e in args.engine.split(","))
+    if unknown := [e for e in engines if e not in ENGINES]:
+        parser.error(f"--engine: unknown {unknown}; choose from {', '.join(ENGINES)} or all")
     if args.engine == "all":
         from vlmtune.train.runtime.engines import vllm_missing_message, vllm_python
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from vlmtune.configs import CONFIG_DIR
+from vlmtune.data.conversation import check_chat_format
 from vlmtune.train.objectives import Objective
 from vlmtune.train.runtime.config import SFTRunConfig, register_schemas
 
@@ -291,6 +292,7 @@ def _train(
 
     out_dir = setup_output_dir(cfg, rank)
     tokenizer = load_tokenizer(cfg)
+    check_chat_format(tokenizer, f"{cfg.model.tokenizer or cfg.model.pretrained}")
     built = build_starting_model(cfg, tokenizer, partitioned, rank, world)
     data = build_data(cfg, method, tokenizer, built.tokens_per_tile, out_dir)
     collate = method.collate(cfg, tokenizer, built.model)

@@ -1,0 +1,74 @@
+"""The SFT demo's export answers through plain transformers and vLLM as it does in vlmtune.
+
+The model is trained briefly (200 steps: held-out exact match well above chance), exported, and asked
+the 100 held-out questions by each engine. transformers (AutoProcessor, the export's chat template,
+generate) and vLLM (its own venv, its own InternVL implementation) read only what the export holds,
+so a tiling, template or weight-layout difference shows as disagreement. The tolerance: on identical
+inputs greedy decoding differs only on near-ties of the logits, so >= 0.99 agreement (vLLM, whose
+kernels differ more: >= 0.97).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.train.e2e import run_sft
+from vlmtune.train.commands.eval import main as eval_main
+from vlmtune.train.runtime.engines import vllm_missing_message, vllm_python
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from vlmtune.train.demo.prepare import generate_demo_data
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("serving_demo")
+    generate_demo_data(root / "data", num_train=1500, num_eval=100)
+    build_tiny_checkpoint(root / "tiny_init")
+    out = root / "sft"
+    run_sft(
+        [
+            "experiment=demo",
+            "prepare_demo=false",
+            f"train.output_dir={out}",
+            f"model.pretrained={root / 'tiny_init'}",
+            f"data.meta_path={root / 'data' / 'meta_train.json'}",
+            f"eval_data.meta_path={root / 'data' / 'meta_eval.json'}",
+            "train.max_steps=200",
+            "train.save_every=0",
+        ]
+    )
+    return out, root / "data" / "meta_eval.json"
+
+
+def engines_eval(demo_run, engines: str, tmp_path) -> dict:
+    out, meta = demo_run
+    report = tmp_path / "eval.json"
+    eval_main(["--model", str(out / "hf"), "--meta", str(meta), "--engine", engines, "--out", str(report)])
+    return json.loads(report.read_text())
+
+
+def test_transformers_answers_as_vlmtune_and_vlmtune_eval_repeats_training(demo_run, tmp_path):
+    out, _ = demo_run
+    trained = json.loads((out / "eval.json").read_text())
+    assert trained["num_samples"] == 100 and trained["accuracy"] >= 0.6  # learnt from the pixels
+    result = engines_eval(demo_run, "vlmtune,transformers", tmp_path)
+    ours, theirs = result["engines"]["vlmtune"], result["engines"]["transformers"]
+    # `vlmtune eval` on the export gives the figures written at the end of training
+    assert ours["accuracy"] == trained["accuracy"]
+    assert ours["blank_image_accuracy"] == trained["blank_image_accuracy"]
+    agreement = result["agreement_with_vlmtune"]["transformers"]
+    assert agreement["n"] == 100
+    assert agreement["rate"] >= 0.99, result["disagreements"]["transformers"]
+    assert abs(theirs["accuracy"] - ours["accuracy"]) <= 0.01
+
+
+@pytest.mark.skipif(vllm_python() is None, reason=vllm_missing_message())
+def test_vllm_answers_as_vlmtune(demo_run, tmp_path):
+    result = engines_eval(demo_run, "vlmtune,vllm", tmp_path)
+    agreement = result["agreement_with_vlmtune"]["vllm"]
+    assert agreement["n"] == 100
+    assert agreement["rate"] >= 0.97, result["disagreements"]["vllm"]
+    assert abs(result["engines"]["vllm"]["accuracy"] - result["engines"]["vlmtune"]["accuracy"]) <= 0.03

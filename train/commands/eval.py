@@ -57,7 +57,13 @@ def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         answers = vllm_answers(args.model, items, args.max_new_tokens)
     records = [
-        {"dataset": i.dataset, "source": i.source, "answer": i.answer, "prediction": a}
+        {
+            "dataset": i.dataset,
+            "source": i.source,
+            "question": i.question,
+            "answer": i.answer,
+            "prediction": a,
+        }
         for i, a in zip(items, answers)
     ]
     correct = sum(normalise_answer(r["prediction"]) == normalise_answer(r["answer"]) for r in records)

@@ -35,6 +35,12 @@ class EvalItem:
     messages: list[dict[str, Any]]
     images: list[str] = field(default_factory=list)
 
+    @property
+    def question(self) -> str:
+        """The text of the last user turn (what the majority baseline groups answers by)."""
+        user = [m for m in self.messages if m["role"] == "user"][-1]
+        return "".join(part.get("text", "") for part in user["content"])
+
 
 def human_content(text: str, num_images: int) -> list[dict[str, Any]]:
     """A user turn as content parts: images where the record puts ``<image>`` (the newline after a
@@ -166,7 +172,8 @@ def vllm_answers(
                 }
             )
         )
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": ""}
+        env = {**os.environ, "PYTHONPATH": ""}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: tiny exports need little
         proc = subprocess.run(
             [str(python), str(worker), str(request), str(reply)],
             capture_output=True,

@@ -45,11 +45,28 @@ def export_hf(
 
         out.mkdir(parents=True, exist_ok=True)
         stop_at_im_end(model.generation_config, tokenizer)
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        save_in_published_layout(model, out, state_dict)
         write_companions(out, tokenizer, source_dir, extra, model.config)
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
+
+
+def save_in_published_layout(model: Any, out: Path, state_dict: dict | None) -> None:
+    """``save_pretrained`` with the key layout of the published -hf checkpoints whatever loaded the model.
+
+    transformers renames keys back on save with the conversions it recorded at load time. Its ZeRO-3
+    loading path records every candidate conversion, used or not (the ordinary path keeps the used
+    ones), so a ZeRO-3 run's export came out as ``language_model.model.model.layers.*``, which vLLM
+    refuses. Saving as for a model built in memory (the default conversions) gives the published
+    layout on every path; tests compare the ZeRO-3 export's keys with transformers' ordinary save.
+    """
+    recorded = model.__dict__.pop("_weight_conversions", None)
+    try:
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    finally:
+        if recorded is not None:
+            model._weight_conversions = recorded
 
 
 def export_adapter(

@@ -22,6 +22,8 @@ def main(request_path: str, reply_path: str) -> None:
         limit_mm_per_prompt={"image": most_images, "video": 0},
         enforce_eager=True,
         seed=0,
+        # on the CPU backend this is the share of the machine's memory vLLM reserves at start
+        gpu_memory_utilization=request.get("memory_fraction", 0.2),
     )
     params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"])
     conversations = []

@@ -120,6 +120,10 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
 
     model, info = InternVLForConditionalGeneration.from_pretrained(out / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # the published -hf key layout (what transformers writes for a model loaded the ordinary way, and
+    # what vLLM reads), not the doubled `language_model.model.model.*` of transformers' ZeRO-3 path
+    published = set(load_file(str(ckpt / "model.safetensors")))
+    assert set(load_file(str(out / "hf" / "model.safetensors"))) == published
     reference = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000003")
     loaded = model.state_dict()
     assert set(reference) <= set(loaded)

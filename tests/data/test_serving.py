@@ -18,7 +18,7 @@ from vlmtune.data.conversation import DEFAULT_SYSTEM_PROMPT
 from vlmtune.data.dataset import DataConfig, SampleProcessor, sample_settings
 from vlmtune.data.meta import load_meta
 from vlmtune.data.serving import chat_template_with_system, stop_at_im_end, write_serving_files
-from vlmtune.train.runtime.engines import record_to_item
+from vlmtune.train.runtime.eval_engines import record_to_item
 from vlmtune.train.runtime.evaluate import split_prompt_answer
 
 TILE, TOKENS_PER_TILE = 56, 16

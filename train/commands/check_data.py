@@ -16,6 +16,7 @@ from vlmtune.data.check import scan, summary_table
 from vlmtune.data.dataset import DataConfig, SampleProcessor
 from vlmtune.data.meta import MetaError, load_meta
 from vlmtune.data.report import ALL_REASONS, SkipReport
+from vlmtune.train.runtime.export import trained_settings
 
 TINY_IMAGE_SIZE = 56
 TINY_TOKENS_PER_TILE = 16
@@ -46,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune check-data", description=__doc__.splitlines()[0])
     parser.add_argument("meta", help="InternVL meta JSON")
     parser.add_argument(
-        "--model-dir", help="checkpoint dir (tokenizer + config); default: the tiny tokenizer"
+        "--model",
+        "--model-dir",
+        dest="model_dir",
+        help="model dir (tokenizer + config; a vlmtune export's data settings are the defaults below); "
+        "default: the tiny tokenizer",
     )
-    parser.add_argument("--max-length", type=int, default=DataConfig.max_length, help="drop longer samples")
-    parser.add_argument("--max-dynamic-patch", type=int, default=DataConfig.max_dynamic_patch)
+    parser.add_argument("--max-length", type=int, default=None, help="drop longer samples")
+    parser.add_argument("--max-dynamic-patch", type=int, default=None)
     parser.add_argument("--limit", type=int, help="scan at most this many lines per dataset")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument(
@@ -64,11 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmtune check-data: {e}", file=sys.stderr)
         return 2
 
+    trained = trained_settings(args.model_dir)
+
+    def setting(name: str, given: Any) -> Any:  # the command line, else the model's run, else the default
+        return given if given is not None else trained.get(name, getattr(DataConfig, name))
+
+    args.max_length = setting("max_length", args.max_length)
     cfg = DataConfig(
         meta_path=str(args.meta),
         max_length=args.max_length,
         image_size=image_size,
-        max_dynamic_patch=args.max_dynamic_patch,
+        max_dynamic_patch=setting("max_dynamic_patch", args.max_dynamic_patch),
+        min_dynamic_patch=trained.get("min_dynamic_patch", DataConfig.min_dynamic_patch),
+        use_thumbnail=trained.get("use_thumbnail", DataConfig.use_thumbnail),
+        system_prompt=trained.get("system_prompt", DataConfig.system_prompt),
     )
     report = SkipReport()
     stats = scan(specs, SampleProcessor(cfg, tokenizer, tokens_per_tile), report, args.limit)

@@ -49,7 +49,7 @@ def vlmtune_results(args: argparse.Namespace) -> dict[str, Any]:
 
 def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
     """Exact match of one serving engine on the meta file's questions, with every answer kept."""
-    from vlmtune.train.runtime.engines import eval_items, transformers_answers, vllm_answers
+    from vlmtune.train.runtime.eval_engines import eval_items, transformers_answers, vllm_answers
 
     items = eval_items(args.meta, args.seed, args.max_samples)
     if engine == "transformers":
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"--engine: unknown {unknown}; choose from {', '.join(ENGINES)} or all")
     if args.engine == "all":
-        from vlmtune.train.runtime.engines import vllm_missing_message, vllm_python
+        from vlmtune.train.runtime.eval_engines import vllm_missing_message, vllm_python
 
         if vllm_python() is None:
             print(

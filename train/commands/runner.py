@@ -313,9 +313,14 @@ def _train(
     if cfg.eval_data is not None:
         from vlmtune.train.runtime.evaluate import evaluate_accuracy
 
-        def evaluate(step: int) -> dict:
+        def evaluate(step: int, keep_records: bool = False) -> dict:
             return evaluate_accuracy(
-                engine, tokenizer, cfg.eval_data, built.tokens_per_tile, cfg.train.eval_max_samples
+                engine,
+                tokenizer,
+                cfg.eval_data,
+                built.tokens_per_tile,
+                cfg.train.eval_max_samples,
+                keep_records=keep_records,
             )
 
     before = (
@@ -347,7 +352,8 @@ def _train(
     if cfg.train.export:
         summary["export"] = str(export(cfg, engine, tokenizer, out_dir, data.specs))
     if evaluate is not None:
-        results = evaluate(step)
+        results = evaluate(step, keep_records=True)
+        records = results.pop("records")
         if before is not None:
             results["before"] = {k: v for k, v in before.items() if k != "examples"}
         summary["eval"] = results
@@ -361,7 +367,45 @@ def _train(
     data.report.close()
     if rank == 0:
         log_final(summary, out_dir, data.report.total)
+        if "export" in summary and "eval" in summary and cfg.train.serving_check > 0:
+            summary["serving_check"] = check_serving(cfg, summary, records, tokenizer, built)
     return summary
+
+
+def check_serving(cfg: Any, summary: dict, records: list[dict], tokenizer: Any, built: BuiltModel) -> dict:
+    """The export asked again through plain transformers (rank 0): what a user who serves it gets.
+    Below 99% agreement with vlmtune's answers the run warns loudly and says what differs."""
+    from vlmtune.train.model.build import count_parameters
+    from vlmtune.train.runtime.eval_engines import SERVING_CHECK_MAX_PARAMS, serving_check
+
+    export_dir = Path(summary["export"])
+    if count_parameters(built.model)["total"] > SERVING_CHECK_MAX_PARAMS:
+        log.info(
+            "serving check skipped (model too large to load twice here): run `vlmtune eval --model %s "
+            "--meta %s --engine all`",
+            export_dir,
+            cfg.eval_data.meta_path,
+        )
+        return {"skipped": "model too large"}
+    result = serving_check(
+        export_dir, records, cfg.eval_data, tokenizer, built.tokens_per_tile, cfg.train.serving_check
+    )
+    (Path(summary["output_dir"]) / "serving_check.json").write_text(json.dumps(result, indent=2))
+    if result["agreement"] < 0.99:
+        log.warning(
+            "SERVING CHECK FAILED: the export answers %d held-out questions through plain transformers with "
+            "only %.1f%% agreement with vlmtune's own answers; first difference: %s",
+            result["n"],
+            100 * result["agreement"],
+            json.dumps(result.get("first_disagreement"), ensure_ascii=False),
+        )
+    else:
+        log.info(
+            "serving check: transformers agrees with vlmtune on %.1f%% of %d held-out questions",
+            100 * result["agreement"],
+            result["n"],
+        )
+    return result
 
 
 def hydra_entry(argv: list[str], config_name: str, run: Callable[[Any], Any]) -> int:

@@ -11,7 +11,6 @@ perplexity instead (train/runtime/perplexity.py: ``text_perplexity``, ``text_nll
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -214,11 +213,7 @@ def trained_data_config(model_dir: str | Path, config: Any, meta: str) -> Any:
     system prompt, tiling), so that it is prompted the way it learned."""
     from vlmtune.data.dataset import DataConfig
     from vlmtune.train.model.build import tile_size
+    from vlmtune.train.runtime.export import trained_settings
 
     size = tile_size(config.vision_config)
-    settings_file = Path(model_dir) / "vlmtune.json"
-    settings = json.loads(settings_file.read_text()).get("data", {}) if settings_file.exists() else {}
-    settings = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
-    }  # JSON lists -> tuples
-    return DataConfig(**{"image_size": size, **settings, "meta_path": meta})
+    return DataConfig(**{"image_size": size, **trained_settings(model_dir), "meta_path": meta})

@@ -127,6 +127,16 @@ def write_companions(
     (out / "vlmtune.json").write_text(json.dumps(extra or {}, indent=2, default=str))
 
 
+def trained_settings(model_dir: str | Path | None) -> dict[str, Any]:
+    """The data settings (``sample_settings``) a vlmtune export was trained with, from its vlmtune.json;
+    ``{}`` for a directory vlmtune did not write."""
+    settings_file = Path(model_dir) / "vlmtune.json" if model_dir is not None else None
+    if settings_file is None or not settings_file.exists():
+        return {}
+    settings = json.loads(settings_file.read_text()).get("data", {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}  # JSON lists -> tuples
+
+
 def load_trained(path: str | Path, base: str | None = None) -> Any:
     """An exported model for inference: an HF directory, or a peft adapter directory over its base
     (``base`` or the adapter config's ``base_model_name_or_path``)."""

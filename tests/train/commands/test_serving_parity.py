@@ -16,7 +16,7 @@ import pytest
 
 from tests.train.e2e import run_sft
 from vlmtune.train.commands.eval import main as eval_main
-from vlmtune.train.runtime.engines import vllm_missing_message, vllm_python
+from vlmtune.train.runtime.eval_engines import vllm_missing_message, vllm_python
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,33 @@ def test_vllm_answers_as_vlmtune(demo_run, tmp_path):
     assert agreement["n"] == 100
     assert agreement["rate"] >= 0.97, result["disagreements"]["vllm"]
     assert abs(result["engines"]["vllm"]["accuracy"] - result["engines"]["vlmtune"]["accuracy"]) <= 0.03
+
+
+def test_end_of_run_serving_check_passes_and_catches_the_base_checkpoints_tiling(demo_run, tmp_path):
+    """The run asked 32 questions again through transformers (serving_check.json). The same check on
+    a copy of the export whose processor says InternVL3's default `max_patches: 12` (what exports
+    carried before: the model trained on one tile per image) fails and names the tiles."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from vlmtune.train.runtime.eval_engines import serving_check
+    from vlmtune.train.runtime.evaluate import evaluate_accuracy, trained_data_config
+    from vlmtune.train.runtime.export import load_trained
+
+    out, meta = demo_run
+    check = json.loads((out / "serving_check.json").read_text())
+    assert check["n"] == 32 and check["agreement"] >= 0.99
+
+    broken = tmp_path / "hf"
+    shutil.copytree(out / "hf", broken)
+    processor = json.loads((broken / "processor_config.json").read_text())
+    processor["image_processor"].update(max_patches=12, crop_to_patches=True)
+    (broken / "processor_config.json").write_text(json.dumps(processor))
+    model, tokenizer = load_trained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
+    data_cfg = trained_data_config(out / "hf", model.config, str(meta))
+    records = evaluate_accuracy(model, tokenizer, data_cfg, 16, 32, keep_records=True)["records"]
+    result = serving_check(broken, records, data_cfg, tokenizer, 16, 32)
+    assert result["agreement"] < 0.99
+    first = result["first_disagreement"]
+    assert first["tiles"]["vlmtune"] == 1 < first["tiles"]["export"] and not first["input_ids_equal"]

@@ -137,7 +137,7 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
 def _vllm_loads_and_answers(export: Path, meta: Path) -> None:
     """vLLM (its own venv and InternVL implementation) loads the export and answers, as transformers
     does token for token on these few questions; skipped without the serving venv."""
-    from vlmtune.train.runtime.engines import eval_items, transformers_answers, vllm_answers, vllm_python
+    from vlmtune.train.runtime.eval_engines import eval_items, transformers_answers, vllm_answers, vllm_python
 
     if vllm_python() is None:
         return

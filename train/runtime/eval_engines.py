@@ -34,6 +34,7 @@ class EvalItem:
     answer: str
     messages: list[dict[str, Any]]
     images: list[str] = field(default_factory=list)
+    record: int = 0  # the record's index in its annotation file
 
     @property
     def question(self) -> str:
@@ -62,7 +63,9 @@ def human_content(text: str, num_images: int) -> list[dict[str, Any]]:
     return parts
 
 
-def record_to_item(record: dict[str, Any], root: Path, source: str, dataset: str) -> EvalItem | None:
+def record_to_item(
+    record: dict[str, Any], root: Path, source: str, dataset: str, index: int = 0
+) -> EvalItem | None:
     """The record's conversation up to its last answer; None for what these engines don't take
     (video, text records without a conversation)."""
     if "video" in record or "conversations" not in record:
@@ -83,7 +86,7 @@ def record_to_item(record: dict[str, Any], root: Path, source: str, dataset: str
             first_human = False
         else:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
-    return EvalItem(source, dataset, turns[last]["value"].strip(), messages, paths)
+    return EvalItem(source, dataset, turns[last]["value"].strip(), messages, paths, index)
 
 
 def eval_items(meta_path: str, seed: int, max_samples: int | None) -> list[EvalItem]:
@@ -99,7 +102,7 @@ def eval_items(meta_path: str, seed: int, max_samples: int | None) -> list[EvalI
             record = jf.read(line)
         except Exception:  # a bad line: vlmtune's eval skips it too
             continue
-        item = record_to_item(record, spec.root, jf.source(line), spec.name)
+        item = record_to_item(record, spec.root, jf.source(line), spec.name, line)
         if item is not None:
             items.append(item)
     return items
@@ -208,3 +211,62 @@ def first_disagreements(
 if __name__ == "__main__":  # pragma: no cover - debugging aid: print the items of a meta file
     for it in eval_items(sys.argv[1], 0, 5):
         print(json.dumps(asdict(it)))
+
+
+#: The end-of-run check loads the export a second time in one process: beyond this, say how instead.
+SERVING_CHECK_MAX_PARAMS = 3e9
+
+
+def serving_check(
+    export_dir: Path, records: list[dict], data_cfg: Any, tokenizer: Any, tokens_per_tile: int, num: int
+) -> dict[str, Any]:
+    """Ask the first ``num`` held-out questions again through plain transformers and compare with
+    vlmtune's answers (``records`` of `evaluate_accuracy`); the first disagreement is diagnosed
+    (prompt ids, tiles, pixels) against vlmtune's own sample of the same record."""
+    ours = {r["source"]: r["prediction"] for r in records}
+    items = [i for i in eval_items(data_cfg.meta_path, data_cfg.seed, None) if i.source in ours][:num]
+    answers = transformers_answers(str(export_dir), items, max_new_tokens=8)
+    from vlmtune.train.runtime.evaluate import normalise_answer
+
+    same = [normalise_answer(a) == normalise_answer(ours[i.source]) for i, a in zip(items, answers)]
+    result: dict[str, Any] = {"n": len(items), "agreement": sum(same) / max(1, len(items))}
+    wrong = [(i, a) for (i, a), ok in zip(zip(items, answers), same) if not ok]
+    if wrong:
+        item, answer = wrong[0]
+        result["first_disagreement"] = {
+            "source": item.source,
+            "vlmtune": ours[item.source],
+            "transformers": answer,
+            **diagnose(export_dir, item, data_cfg, tokenizer, tokens_per_tile),
+        }
+    return result
+
+
+def diagnose(export_dir: Path, item: EvalItem, data_cfg: Any, tokenizer: Any, tokens_per_tile: int) -> dict:
+    """Where the export's processor and chat template build other inputs than training for ``item``."""
+    import random
+
+    from transformers import AutoProcessor
+
+    from vlmtune.data.dataset import SampleProcessor
+    from vlmtune.data.meta import load_meta
+    from vlmtune.train.runtime.evaluate import split_prompt_answer
+
+    spec = next(s for s in load_meta(data_cfg.meta_path) if s.name == item.dataset)
+    sample = SampleProcessor(data_cfg, tokenizer, tokens_per_tile)(spec, item.record, random.Random(0), False)
+    prompt, _, _ = split_prompt_answer(sample, tokenizer)
+    processor = AutoProcessor.from_pretrained(export_dir)
+    text = processor.apply_chat_template(item.messages, add_generation_prompt=True, tokenize=False)
+    served = processor(text=text, images=load_images(item.images) or None, return_tensors="pt")
+    ids = served["input_ids"][0].tolist()
+    first = next((k for k, (a, b) in enumerate(zip(ids, prompt.tolist())) if a != b), None)
+    out: dict[str, Any] = {
+        "input_ids_equal": ids == prompt.tolist(),
+        "input_lengths": {"vlmtune": len(prompt), "export": len(ids)},
+        "first_differing_token": first,
+    }
+    pixels = served.get("pixel_values")
+    out["tiles"] = {"vlmtune": int(sample["num_tiles"]), "export": 0 if pixels is None else len(pixels)}
+    if pixels is not None and pixels.shape == sample["pixel_values"].shape:
+        out["pixel_max_abs_diff"] = float((pixels - sample["pixel_values"]).abs().max())
+    return out

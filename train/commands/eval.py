@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlmtune.data.answers import MATCH_MODES, answers_match, normalise_answer
 from vlmtune.train.runtime.evaluate import (
     evaluate_accuracy,
     majority_baseline,
-    normalise_answer,
     per_dataset_scores,
     trained_data_config,
 )
@@ -44,6 +44,7 @@ def vlmtune_results(args: argparse.Namespace) -> dict[str, Any]:
         args.max_samples,
         max_new_tokens=args.max_new_tokens,
         keep_records=True,
+        match=args.match,
     )
 
 
@@ -66,7 +67,7 @@ def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         for i, a in zip(items, answers)
     ]
-    correct = sum(normalise_answer(r["prediction"]) == normalise_answer(r["answer"]) for r in records)
+    correct = sum(answers_match(r["prediction"], r["answer"], args.match) for r in records)
     results: dict[str, Any] = {
         "accuracy": correct / max(1, len(records)),
         "majority_baseline": majority_baseline(records),
@@ -75,7 +76,7 @@ def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
         "items": items,
     }
     if len({r["dataset"] for r in records}) > 1:
-        results["per_dataset"] = per_dataset_scores(records)
+        results["per_dataset"] = per_dataset_scores(records, args.match)
     return results
 
 
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         "--engine", default="vlmtune", help=f"one of {', '.join(ENGINES)}, a comma-separated list, or all"
     )
     parser.add_argument("--seed", type=int, default=0, help="the eval set's order (data.seed of the run)")
+    parser.add_argument(
+        "--match",
+        default="normalised",
+        choices=MATCH_MODES,
+        help="how an answer is compared (data/answers.py)",
+    )
     args = parser.parse_args(argv)
     engines = ENGINES if args.engine == "all" else tuple(e.strip() for e in args.engine.split(","))
     if unknown := [e for e in engines if e not in ENGINES]:

@@ -91,6 +91,12 @@ def check_config(cfg: SFTRunConfig) -> None:
     from vlmtune.train.model.lora import check_lora_config
 
     reduction_exponent(cfg.train.loss_reduction)
+    from vlmtune.data.answers import MATCH_MODES
+
+    if cfg.train.eval_match not in MATCH_MODES:
+        raise ValueError(
+            f"train.eval_match must be one of {', '.join(MATCH_MODES)}, got {cfg.train.eval_match!r}"
+        )
     if (
         cfg.packing.enabled
         and cfg.data.max_length is not None
@@ -320,7 +326,9 @@ def _train(
                 cfg.eval_data,
                 built.tokens_per_tile,
                 cfg.train.eval_max_samples,
+                max_new_tokens=cfg.train.eval_max_new_tokens,
                 keep_records=keep_records,
+                match=cfg.train.eval_match,
             )
 
     before = (

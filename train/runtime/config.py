@@ -103,6 +103,8 @@ class TrainConfig:
     export: bool = True  # write an HF-format model to output_dir/hf at the end
     eval_max_samples: int | None = None  # cap on held-out samples for eval (None = all)
     eval_before: bool = False  # also evaluate the starting model (eval.json gets a "before" entry)
+    eval_max_new_tokens: int = 8  # greedy answers stop here (or at <|im_end|>)
+    eval_match: str = "normalised"  # normalised | exact | number | choice (data/answers.py)
     #: Held-out questions the export is asked again through plain transformers at the end (rank 0, when
     #: eval data is set); below 99% agreement with vlmtune's answers the run warns and says what differs.
     serving_check: int = 32

@@ -226,7 +226,7 @@ def serving_check(
     ours = {r["source"]: r["prediction"] for r in records}
     items = [i for i in eval_items(data_cfg.meta_path, data_cfg.seed, None) if i.source in ours][:num]
     answers = transformers_answers(str(export_dir), items, max_new_tokens=8)
-    from vlmtune.train.runtime.evaluate import normalise_answer
+    from vlmtune.data.answers import normalise_answer
 
     same = [normalise_answer(a) == normalise_answer(ours[i.source]) for i, a in zip(items, answers)]
     result: dict[str, Any] = {"n": len(items), "agreement": sum(same) / max(1, len(items))}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vlmtune.data.answers import answers_match, normalise_answer
 from vlmtune.data.conversation import IGNORE_INDEX
 
 
@@ -34,10 +35,6 @@ def split_prompt_answer(sample: dict, tokenizer: Any) -> tuple[torch.Tensor, str
     ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     question = tokenizer.decode(prompt[prompt != ctx], skip_special_tokens=True)
     return prompt, answer, question
-
-
-def normalise_answer(text: str) -> str:
-    return text.strip().strip(".").strip().lower()
 
 
 @torch.no_grad()
@@ -95,6 +92,7 @@ def evaluate_accuracy(
     batch_size: int = 16,
     max_new_tokens: int = 8,
     keep_records: bool = False,
+    match: str = "normalised",
 ) -> dict[str, Any]:
     """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks.
 
@@ -135,8 +133,8 @@ def evaluate_accuracy(
             model, tokenizer, batch, prompts, blank=True, max_new_tokens=max_new_tokens, synced=synced
         )
         for s, (_, answer, question), pred, pred_blank in list(zip(batch, parts, preds, blank))[:real]:
-            ok = normalise_answer(pred) == normalise_answer(answer)
-            ok_blank = normalise_answer(pred_blank) == normalise_answer(answer)
+            ok = answers_match(pred, answer, match)
+            ok_blank = answers_match(pred_blank, answer, match)
             counts += torch.tensor([ok, ok_blank, 1.0], dtype=torch.float64)
             records.append(
                 {
@@ -163,7 +161,7 @@ def evaluate_accuracy(
         "num_samples": int(counts[2].item()),
     }
     if len(specs) > 1:
-        results["per_dataset"] = per_dataset_scores(records)
+        results["per_dataset"] = per_dataset_scores(records, match)
     if texts:
         from vlmtune.train.runtime.perplexity import text_perplexity
 
@@ -171,24 +169,23 @@ def evaluate_accuracy(
     return {**results, "examples": records[:10], **({"records": records} if keep_records else {})}
 
 
-def per_dataset_scores(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Accuracy, blank-image accuracy, majority baseline and sample count of each dataset's records."""
+def per_dataset_scores(records: list[dict], match: str = "normalised") -> dict[str, dict[str, float]]:
+    """Accuracy, blank-image accuracy (where the records have it), majority baseline and sample count
+    of each dataset's records."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[r["dataset"]].append(r)
 
     def hits(rs: list[dict], key: str) -> int:
-        return sum(normalise_answer(r[key]) == normalise_answer(r["answer"]) for r in rs)
+        return sum(answers_match(r[key], r["answer"], match) for r in rs)
 
-    return {
-        name: {
-            "accuracy": hits(rs, "prediction") / len(rs),
-            "blank_image_accuracy": hits(rs, "blank_prediction") / len(rs),
-            "majority_baseline": majority_baseline(rs),
-            "num_samples": len(rs),
-        }
-        for name, rs in sorted(groups.items())
-    }
+    out = {}
+    for name, rs in sorted(groups.items()):
+        scores = {"accuracy": hits(rs, "prediction") / len(rs)}
+        if all("blank_prediction" in r for r in rs):
+            scores["blank_image_accuracy"] = hits(rs, "blank_prediction") / len(rs)
+        out[name] = {**scores, "majority_baseline": majority_baseline(rs), "num_samples": len(rs)}
+    return out
 
 
 def majority_baseline(records: list[dict]) -> float:

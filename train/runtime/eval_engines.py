@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,30 +186,6 @@ def vllm_answers(
         if proc.returncode != 0:
             raise RuntimeError(f"vLLM failed on {model_dir} ({proc.returncode}):\n{proc.stderr[-6000:]}")
         return json.loads(reply.read_text())["answers"]
-
-
-def agreement(a: list[str], b: list[str], normalise: Any) -> float:
-    return sum(normalise(x) == normalise(y) for x, y in zip(a, b)) / max(1, len(a))
-
-
-def first_disagreements(
-    items: list[EvalItem], answers: dict[str, list[str]], normalise: Any, limit: int = 5
-) -> list[dict[str, Any]]:
-    """The first questions where the engines answer differently, with their inputs."""
-    out = []
-    names = list(answers)
-    for k, item in enumerate(items):
-        given = {name: answers[name][k] for name in names}
-        if len({normalise(v) for v in given.values()}) > 1:
-            out.append({"source": item.source, "images": item.images, "messages": item.messages, **given})
-            if len(out) == limit:
-                break
-    return out
-
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid: print the items of a meta file
-    for it in eval_items(sys.argv[1], 0, 5):
-        print(json.dumps(asdict(it)))
 
 
 #: The end-of-run check loads the export a second time in one process: beyond this, say how instead.

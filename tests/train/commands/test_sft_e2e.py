@@ -63,7 +63,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(small_data, variant):
     resumed_from = int(pointer.read_text().strip().split("_")[1])
     assert 4 <= resumed_from < steps
 
-    run_sft(base_overrides(ckpt, meta, killed, **extra))
+    logged_before = _metric_lines_up_to(killed, resumed_from)
+    assert len(logged_before) == resumed_from  # every step up to the checkpoint was logged once
+    proc = run_sft(base_overrides(ckpt, meta, killed, **extra))
+    # the rerun really resumed (a rerun from step 0 would also end with equal weights: training is
+    # deterministic) and left the lines of the steps it did not redo untouched, byte for byte
+    assert f"resumed from step_{resumed_from:08d} at step {resumed_from}" in proc.stdout + proc.stderr
+    assert _metric_lines_up_to(killed, resumed_from) == logged_before
     a, b = _weights(ref), _weights(killed)
     assert a.keys() == b.keys()
     for name in a:
@@ -74,6 +80,19 @@ def test_resume_after_sigkill_equals_uninterrupted_run(small_data, variant):
     assert [m["step"] for m in got] == list(range(1, steps + 1))
     for m in got:
         assert m["loss"] == pytest.approx(ref_loss[m["step"]], rel=1e-4)
+
+
+def _metric_lines_up_to(out: Path, step: int) -> list[bytes]:
+    """The raw metrics.jsonl lines of steps 1..step (a line cut by the kill is not one of them)."""
+    lines = []
+    for line in (out / "metrics.jsonl").read_bytes().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record and record["step"] <= step:
+            lines.append(line)
+    return lines
 
 
 def _rank_split_dataset(root: Path, meta: Path, world: int = 2, n: int = 32) -> Path:

@@ -9,8 +9,10 @@ one call per pair (except AOT, whose sorting couples the batch: there we compare
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -272,12 +274,26 @@ def test_update_then_use_reproduces_old_trl_bco_pair():
         )
 
 
-def test_reward_shift_all_reduces_in_a_process_group(tmp_path):
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+def _reward_shift_rank(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: each sees other rewards, in batches of other sizes."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         shift = RewardShift()
-        assert shift.update(torch.tensor([1.0, 2.0]), torch.tensor([6.0])) == pytest.approx(3.0)
-        assert shift.count == 3
+        if rank == 0:
+            delta = shift.update(torch.tensor([1.0, 2.0]), torch.tensor([6.0]))
+        else:
+            delta = shift.update(torch.tensor([10.0]), torch.tensor([20.0, 30.0, 40.0]))
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"delta": delta, "count": shift.count}))
     finally:
         dist.destroy_process_group()
+
+
+def test_reward_shift_all_reduces_across_two_real_ranks(tmp_path):
+    """Two gloo processes with different rewards (3 and 4 of them): both hold the mean of all 7,
+    109 / 7, which neither rank's own rewards give (3.0 and 25.0)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reward_shift_rank, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["count"] == 7 and got["delta"] == pytest.approx(109 / 7)

@@ -71,3 +71,33 @@ def test_report_merge_and_log(tmp_path):
         "reason": "missing_image",
         "detail": "p",
     }
+
+
+def test_check_data_takes_an_exports_own_settings(tmp_path, tiny_model_dir):
+    """`--model` on a vlmtune export: its tokenizer and tile size, and the tiling and length it was
+    trained with (vlmtune.json), unless the command line says otherwise."""
+    import shutil
+
+    from vlmtune.data.synthetic import generate_sft_dataset
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, export)
+    (export / "vlmtune.json").write_text(json.dumps({"data": {"max_dynamic_patch": 1, "max_length": 700}}))
+    meta = generate_sft_dataset(tmp_path / "data", num_train=12, num_eval=2, seed=3)
+
+    def report(*extra: str) -> dict:
+        out = tmp_path / "report.json"
+        assert main([str(meta), "--model", str(export), "--out", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+
+    trained = report()
+    assert trained["max_length"] == 700 and trained["image_size"] == 56 and trained["tokens_per_tile"] == 16
+    wider = report("--max-dynamic-patch", "6", "--max-length", "8192")
+    assert wider["max_length"] == 8192
+    tiles = {
+        name: (d["total_tiles"], wider["datasets"][name]["total_tiles"])
+        for name, d in trained["datasets"].items()
+    }
+    assert all(one <= six for one, six in tiles.values()) and any(one < six for one, six in tiles.values())
+    # one tile per image as trained: no more tiles than images
+    assert all(d["total_tiles"] <= d["ok"] * 2 for d in trained["datasets"].values())

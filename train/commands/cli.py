@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "fold a LoRA adapter into its base model (refuses if the merged logits differ)",
     ),
+    "convert": ("vlmtune.train.commands.convert", "main", "original InternVL <-> -hf checkpoint layout"),
     "plan": (
         "vlmtune.train.commands.plan",
         "main",

@@ -221,7 +221,7 @@ def diagnose(export_dir: Path, item: EvalItem, data_cfg: Any, tokenizer: Any, to
     """Where the export's processor and chat template build other inputs than training for ``item``."""
     import random
 
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from vlmtune.data.dataset import SampleProcessor
     from vlmtune.data.meta import load_meta
@@ -242,6 +242,15 @@ def diagnose(export_dir: Path, item: EvalItem, data_cfg: Any, tokenizer: Any, to
     }
     pixels = served.get("pixel_values")
     out["tiles"] = {"vlmtune": int(sample["num_tiles"]), "export": 0 if pixels is None else len(pixels)}
+    same_tiles = out["tiles"]["vlmtune"] == out["tiles"]["export"]
+    if out["input_ids_equal"] and same_tiles:
+        delta = getattr(AutoConfig.from_pretrained(export_dir), "v2pe_delta", None)
+        out["verdict"] = (
+            f"the same inputs: the model computes otherwise outside vlmtune (V2PE v2pe_delta={delta} is "
+            "ignored by transformers and vLLM)"
+            if delta not in (None, 1.0)
+            else "the same inputs: the difference is in the weights or numerics, not the processor"
+        )
     if pixels is not None and pixels.shape == sample["pixel_values"].shape:
         out["pixel_max_abs_diff"] = float((pixels - sample["pixel_values"]).abs().max())
     return out

@@ -22,6 +22,32 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 IM_END = "<|im_end|>"
 
+#: InternVL3-hf's chat template (transformers' convert_internvl_weights_to_hf.py), with the image
+#: placeholder the processor looks for (`<IMG_CONTEXT>`). No default system prompt is injected, so
+#: a system turn appears only when the conversation has one.
+INTERNVL3_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
 
 def chat_template_with_system(template: str, system_prompt: str | None) -> str:
     """``template`` that opens with ``system_prompt`` as a system turn when a conversation has none,
@@ -119,11 +145,9 @@ def serving_processor(
         processor = AutoProcessor.from_pretrained(source_dir)
         processor.tokenizer = tokenizer
         template = processor.chat_template or template
-    if template is None:
-        raise ValueError(
-            f"{source_dir}: no chat template in the tokenizer or processor files; an export without one "
-            "cannot be prompted the way the model was trained"
-        )
+    if template is None:  # e.g. an original-format base: its format is InternVL3's (checked at start)
+        log.warning("%s: no chat template; the export gets InternVL3-hf's", source_dir)
+        template = INTERNVL3_HF_CHAT_TEMPLATE
     template = chat_template_with_system(_strip_system_default(template), settings.get("system_prompt"))
     if processor is None:
         processor = build_processor(tokenizer, settings["image_size"], image_seq_length, template)

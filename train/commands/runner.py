@@ -112,6 +112,43 @@ def check_config(cfg: SFTRunConfig) -> None:
     check_lora_config(cfg.lora, zero_stage=cfg.deepspeed.zero_stage)
 
 
+def resolve_pretrained(cfg: Any, out_dir: Path, rank: int) -> None:
+    """``model.pretrained`` (and ``model.tokenizer``) in the -hf layout. An original-format directory
+    (`InternVLChatModel`: the model card's checkpoints, the official trainer's) is converted once by rank
+    0 into ``output_dir/pretrained_hf`` (config.json and safetensors read as data: no remote code), the
+    other ranks wait; the run then loads that, partitioned under ZeRO-3 as any -hf checkpoint."""
+    from vlmtune.train.model.original_format import convert, is_original_format
+
+    source = cfg.model.pretrained
+    if source is None or not is_original_format(source):
+        return
+    target = out_dir / "pretrained_hf"
+    marker = target / "converted_from.json"
+    if rank == 0:
+        stamp = {
+            "source": str(Path(source).resolve()),
+            "config_mtime": (Path(source) / "config.json").stat().st_mtime,
+        }
+        if not marker.exists() or json.loads(marker.read_text()) != stamp:
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)
+            summary = convert(source, target, "hf")
+            marker.write_text(json.dumps(stamp))
+            log.info(
+                "model.pretrained=%s is in the original InternVL layout: converted to %s (%d tensors); "
+                "it was trained with %s",
+                source,
+                target,
+                summary["tensors"],
+                json.dumps(summary["serving"], ensure_ascii=False),
+            )
+    dist.barrier()
+    if cfg.model.tokenizer in (None, source):
+        cfg.model.tokenizer = str(target)
+    cfg.model.pretrained = str(target)
+
+
 def load_tokenizer(cfg: SFTRunConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -297,6 +334,7 @@ def _train(
     from vlmtune.train.runtime.metrics import MetricsLogger
 
     out_dir = setup_output_dir(cfg, rank)
+    resolve_pretrained(cfg, out_dir, rank)
     tokenizer = load_tokenizer(cfg)
     check_chat_format(tokenizer, f"{cfg.model.tokenizer or cfg.model.pretrained}")
     built = build_starting_model(cfg, tokenizer, partitioned, rank, world)

@@ -13,6 +13,13 @@ the byte ranges they give) and go tensor by tensor: a converted tensor is the so
 (renamed, or a third of / three fused into the vision qkv), so a round trip is bit-identical, and at most
 one output tensor is in memory at a time. Only Qwen2 LLMs convert (InternVL3 1B/2B/8B/14B/38B/78B):
 InternLM2/InternLM3/Llama LLMs have other key and config maps, and are refused rather than half converted.
+
+An original-layout output serves in vLLM through vLLM's own `InternVLChatModel`: config.json carries the
+run's tiling (from the -hf processor files), the default system prompt of the chat template
+(``system_message``) and an ``auto_map`` to a small `InternVLChatConfig` class written next to it
+(`CONFIG_CLASS_SOURCE`: config only, loaded with trust_remote_code=True), and the chat template's image
+part emits ``<image>``, the placeholder vLLM's InternVL processor expands (the -hf ``<IMG_CONTEXT>`` is
+rewritten back on the way to -hf).
 """
 
 from __future__ import annotations
@@ -49,6 +56,137 @@ COMPANION_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+)
+
+#: The original layout's config class, written next to its config.json (config.json's ``auto_map`` names
+#: it): engines with an `InternVLChatModel` of their own (vLLM) read the config through it with
+#: trust_remote_code=True. Config only, no modeling code; Qwen2 LLMs only, as this module converts.
+CONFIG_CLASS_FILE = "configuration_internvl_chat.py"
+AUTO_MAP = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}
+CONFIG_CLASS_SOURCE = '''\
+"""InternVLChatConfig of an InternVL checkpoint in the original layout with a Qwen2 LLM, written by
+vlmtune's converter (vlmtune convert --to original). As OpenGVLab's configuration_internvl_chat.py:
+`vision_config` an InternVisionConfig, `llm_config` a Qwen2Config. The config only: engines with an
+InternVLChatModel of their own (vLLM) read it with trust_remote_code=True."""
+
+from transformers import PretrainedConfig, Qwen2Config
+
+
+class InternVisionConfig(PretrainedConfig):
+    model_type = "intern_vit_6b"
+
+    def __init__(
+        self,
+        num_channels=3,
+        patch_size=14,
+        image_size=224,
+        qkv_bias=False,
+        hidden_size=3200,
+        num_attention_heads=25,
+        intermediate_size=12800,
+        qk_normalization=True,
+        num_hidden_layers=48,
+        use_flash_attn=True,
+        hidden_act="gelu",
+        norm_type="rms_norm",
+        layer_norm_eps=1e-6,
+        dropout=0.0,
+        drop_path_rate=0.0,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        initializer_factor=0.1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_channels = num_channels
+        self.patch_size = patch_size
+        self.image_size = image_size
+        self.qkv_bias = qkv_bias
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.qk_normalization = qk_normalization
+        self.num_hidden_layers = num_hidden_layers
+        self.use_flash_attn = use_flash_attn
+        self.hidden_act = hidden_act
+        self.norm_type = norm_type
+        self.layer_norm_eps = layer_norm_eps
+        self.dropout = dropout
+        self.drop_path_rate = drop_path_rate
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+
+
+class InternVLChatConfig(PretrainedConfig):
+    model_type = "internvl_chat"
+    is_composition = True
+
+    def __init__(
+        self,
+        vision_config=None,
+        llm_config=None,
+        use_backbone_lora=0,
+        use_llm_lora=0,
+        select_layer=-1,
+        force_image_size=None,
+        downsample_ratio=0.5,
+        template=None,
+        dynamic_image_size=False,
+        use_thumbnail=False,
+        ps_version="v1",
+        min_dynamic_patch=1,
+        max_dynamic_patch=6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(vision_config, InternVisionConfig):
+            vision_config = InternVisionConfig(**(vision_config or {}))
+        if not isinstance(llm_config, Qwen2Config):
+            llm_config = dict(llm_config or {"architectures": ["Qwen2ForCausalLM"]})
+            architecture = (llm_config.get("architectures") or ["Qwen2ForCausalLM"])[0]
+            if architecture != "Qwen2ForCausalLM":
+                raise ValueError(f"llm_config is {architecture}: this config class takes Qwen2ForCausalLM only")
+            llm_config = Qwen2Config(**llm_config)
+        self.vision_config = vision_config
+        self.llm_config = llm_config
+        self.use_backbone_lora = use_backbone_lora
+        self.use_llm_lora = use_llm_lora
+        self.select_layer = select_layer
+        self.force_image_size = force_image_size
+        self.downsample_ratio = downsample_ratio
+        self.template = template
+        self.dynamic_image_size = dynamic_image_size
+        self.use_thumbnail = use_thumbnail
+        self.ps_version = ps_version
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = max_dynamic_patch
+
+    def to_dict(self):
+        output = super().to_dict()
+        for key in ("vision_config", "llm_config"):
+            if isinstance(output.get(key), PretrainedConfig):
+                output[key] = output[key].to_dict()
+        return output
+'''
+
+#: The image part of an -hf chat template (transformers' InternVL3-hf template, vlmtune's exports): an
+#: image content part rendered as ``<IMG_CONTEXT>`` and a newline (a real one or Jinja's ``\\n``), the
+#: token transformers' InternVLProcessor expands. vLLM's InternVL processor expands ``<image>`` instead
+#: (to ``<img>`` + ``<IMG_CONTEXT>`` x n + ``</img>``), as the original model's chat() does; given
+#: ``<IMG_CONTEXT>`` it fails with "Failed to apply prompt replacement".
+_IMAGE_PART = (
+    r"(?P<head>\{%-?\s*(?:el)?if\s+content\[(?P<q1>['\"])type(?P=q1)\]\s*==\s*(?P<q2>['\"])image(?P=q2)\s*-?%\}"
+    r"\s*\{\{-?\s*(?P<q3>['\"]))TOKEN(?P<newline>\n|\\n)(?P=q3)"
+)
+HF_IMAGE_TOKEN = "<IMG_CONTEXT>"
+ORIGINAL_IMAGE_TOKEN = "<image>"
+#: The prefix `vlmtune.data.serving.chat_template_with_system` puts before a template: the run's
+#: system prompt (a JSON string literal) as a system turn when a conversation has none.
+_SYSTEM_PREFIX = re.compile(
+    r"\{%- if not messages or messages\[0\]\['role'\] != 'system' %\}"
+    r"\{\{- '<\|im_start\|>system\\n' \+ (?P<literal>\"(?:[^\"\\]|\\.)*\") \+ '<\|im_end\|>\\n' \}\}"
+    r"\{%- endif %\}"
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -574,6 +712,125 @@ def original_config_from_hf(hf: dict[str, Any], serving: dict[str, Any] | None =
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Chat templates
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _swap_image_part(template: str, old: str, new: str) -> tuple[str, int]:
+    pattern = re.compile(_IMAGE_PART.replace("TOKEN", re.escape(old)))
+    return pattern.subn(lambda m: m["head"] + new + m["newline"] + m["q3"], template)
+
+
+def original_chat_template(template: str) -> str:
+    """An -hf chat template with its image part emitting ``<image>`` instead of ``<IMG_CONTEXT>``
+    (everything else, the video part's ``<video>`` and a system-prompt prefix included, unchanged): the
+    placeholder vLLM's InternVLChatModel (and the original chat()) expand. Raises unless the template
+    has exactly one image part ``{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}`` and
+    no other ``<IMG_CONTEXT>``."""
+    out, n = _swap_image_part(template, HF_IMAGE_TOKEN, ORIGINAL_IMAGE_TOKEN)
+    if n != 1:
+        raise ValueError(
+            f"the chat template has {n} image parts {{% if content['type'] == 'image' %}}"
+            f"{{{{ '{HF_IMAGE_TOKEN}\\n' }}}} (one expected): its image placeholder cannot be rewritten to "
+            f"{ORIGINAL_IMAGE_TOKEN}, which the original model's servers (vLLM's InternVLChatModel) expand"
+        )
+    if HF_IMAGE_TOKEN in out:
+        raise ValueError(
+            f"the chat template emits {HF_IMAGE_TOKEN} outside its image part: the original model's servers "
+            f"expand {ORIGINAL_IMAGE_TOKEN} into image tokens and cannot take a literal {HF_IMAGE_TOKEN}"
+        )
+    return out
+
+
+def hf_chat_template(template: str) -> str:
+    """The inverse of `original_chat_template` for a template it wrote (one ``<image>`` image part, no
+    ``<IMG_CONTEXT>``); any other template (OpenGVLab's own) unchanged."""
+    out, n = _swap_image_part(template, ORIGINAL_IMAGE_TOKEN, HF_IMAGE_TOKEN)
+    return out if n == 1 and HF_IMAGE_TOKEN not in template else template
+
+
+def template_system_prompt(template: str | None) -> str | None:
+    """The default system prompt a template opens with (`vlmtune.data.serving.chat_template_with_system`'s
+    prefix), or None."""
+    m = _SYSTEM_PREFIX.match(template or "")
+    if m is None:
+        return None
+    try:
+        return json.loads(m["literal"])
+    except json.JSONDecodeError:
+        return None
+
+
+def _template_files(model_dir: Path) -> dict[str, Any]:
+    """Every chat template in ``model_dir``'s companion files, by file: chat_template.jinja (text),
+    chat_template.json / tokenizer_config.json (their ``chat_template``: a string, or a list of named
+    ones)."""
+    found: dict[str, Any] = {}
+    if (model_dir / "chat_template.jinja").is_file():
+        found["chat_template.jinja"] = (model_dir / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file():
+            value = _read_json(model_dir / name).get("chat_template")
+            if value is not None:
+                found[name] = value
+    return found
+
+
+def _map_templates(value: Any, fn: Any) -> Any:
+    """``fn`` on a template, or on each of a named list ([{"name": ..., "template": ...}], as
+    tokenizer_config.json may hold): the default one always, the others (tool use...) where they have
+    an image placeholder at all."""
+    if isinstance(value, str):
+        return fn(value)
+    if not isinstance(value, list):
+        return value
+    out = []
+    for t in value:
+        if isinstance(t, dict) and isinstance(t.get("template"), str):
+            text = t["template"]
+            if t.get("name") == "default" or HF_IMAGE_TOKEN in text or ORIGINAL_IMAGE_TOKEN in text:
+                t = {**t, "template": fn(text)}
+        out.append(t)
+    return out
+
+
+def _default_template(templates: dict[str, Any]) -> str | None:
+    """The template a tokenizer/processor would use: chat_template.jinja's, else the json files' (the
+    default of a named list)."""
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        value = templates.get(name)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+            if isinstance(named.get("default"), str):
+                return named["default"]
+    return None
+
+
+def _rewritten_templates(src: Path, to: str) -> dict[str, str]:
+    """The companion files whose chat template the conversion rewrites, as their new text: to the
+    original layout every template's image part becomes ``<image>`` (raising where it cannot), back to
+    -hf a template this module wrote gets its ``<IMG_CONTEXT>`` again."""
+    fn = original_chat_template if to == "original" else hf_chat_template
+    out: dict[str, str] = {}
+    for name, value in _template_files(src).items():
+        try:
+            new = _map_templates(value, fn)
+        except ValueError as e:
+            raise ValueError(f"{src / name}: {e}") from None
+        if new == value:
+            continue
+        if name == "chat_template.jinja":
+            out[name] = new
+        else:
+            data = _read_json(src / name)
+            data["chat_template"] = new
+            out[name] = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checkpoint directories
 # ---------------------------------------------------------------------------------------------------------
 
@@ -621,7 +878,8 @@ def image_token_id_of(model_dir: str | Path) -> int | None:
 
 def hf_serving_settings(model_dir: str | Path, hf: dict[str, Any]) -> dict[str, Any]:
     """Serving settings of an -hf directory: the tiling from its processor files (processor_config.json,
-    else preprocessor_config.json), else InternVL3's defaults; the tile from the vision config."""
+    else preprocessor_config.json), else InternVL3's defaults; the tile from the vision config; the
+    system prompt its chat template inserts by default (``system_message``; None when it inserts none)."""
     model_dir = Path(model_dir)
     image: dict[str, Any] = {}
     if (model_dir / "processor_config.json").exists():
@@ -641,6 +899,7 @@ def hf_serving_settings(model_dir: str | Path, hf: dict[str, Any]) -> dict[str, 
         "min_dynamic_patch": int(image.get("min_patches", 1)),
         "use_thumbnail": True,  # transformers' GotOcr2 processor always adds one to a multi-tile image
         "dynamic_image_size": dynamic,
+        "system_message": template_system_prompt(_default_template(_template_files(model_dir))),
     }
 
 
@@ -874,7 +1133,10 @@ def _dominant_dtype(specs: Iterable[torch.Tensor]) -> str | None:
 def convert(src: str | Path, dst: str | Path, to: Literal["hf", "original"]) -> dict[str, Any]:
     """Convert the checkpoint at ``src`` into ``dst`` (which must not exist or be empty), ``to`` "hf" or
     "original". Writes config.json, the safetensors (as many shards as the source, same file names, an
-    index when the source has one or is sharded) and copies the tokenizer/chat-template/generation files.
+    index when the source has one or is sharded) and copies the tokenizer/chat-template/generation files;
+    to "original" also configuration_internvl_chat.py (config.json's ``auto_map``), with every chat
+    template's image part rewritten to ``<image>`` (`original_chat_template`; a template without the -hf
+    image part is refused), and back to "hf" such a template gets its ``<IMG_CONTEXT>`` again.
 
     Every tensor is checked against the model the config describes before anything is written; the
     output is staged in ``<dst>.partial`` and renamed, so a failure leaves no half-converted ``dst``.
@@ -910,6 +1172,7 @@ def convert(src: str | Path, dst: str | Path, to: Literal["hf", "original"]) -> 
             dropped = []
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
+    templates = _rewritten_templates(src, to)
 
     shards, has_index = _source_shards(src)
     plans = _plan(shards, to)
@@ -950,10 +1213,13 @@ def convert(src: str | Path, dst: str | Path, to: Literal["hf", "original"]) -> 
         if to == "hf":
             _write_hf_config(staging, hf_config)
         else:
-            (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+            _write_original_config(staging, out_config)
         copied = []
         for name in COMPANION_FILES:
-            if (src / name).is_file():
+            if name in templates:
+                (staging / name).write_text(templates[name])
+                copied.append(name)
+            elif (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
                 copied.append(name)
         if dst.exists():
@@ -972,9 +1238,18 @@ def convert(src: str | Path, dst: str | Path, to: Literal["hf", "original"]) -> 
         "tensors": len(weight_map),
         "bytes": total,
         "copied": copied,
+        "chat_template_rewritten": sorted(templates),
         "serving": serving,
         "dropped_settings": dropped,
     }
+
+
+def _write_original_config(model_dir: Path, config: dict[str, Any]) -> None:
+    """config.json with the ``auto_map`` to the config class written next to it."""
+    (model_dir / "config.json").write_text(
+        json.dumps({**config, "auto_map": AUTO_MAP}, indent=2, sort_keys=True) + "\n"
+    )
+    (model_dir / CONFIG_CLASS_FILE).write_text(CONFIG_CLASS_SOURCE)
 
 
 def _write_hf_config(model_dir: Path, hf_config: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 from vlmtune.configs import CONFIG_DIR
+from vlmtune.data.serving import INTERNVL3_HF_CHAT_TEMPLATE as CHAT_TEMPLATE
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -50,32 +51,6 @@ NAMED_SPECIAL_TOKENS = {
 #: Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5): contractions, letter runs, single digits,
 #: punctuation runs, newlines, whitespace.
 QWEN2_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-
-#: InternVL3-hf's chat template (transformers' convert_internvl_weights_to_hf.py), with the image
-#: placeholder the processor looks for (`<IMG_CONTEXT>`). No default system prompt is injected, so
-#: a system turn appears only when the conversation has one.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}"
-    "{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif content['type'] == 'video' %}"
-    "{{ '<video>\n' }}"
-    "{% elif content['type'] == 'text' %}"
-    "{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{{'<|im_end|>\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "{{'<|im_start|>assistant\n' }}"
-    "{% endif %}"
-)
 
 TOKENIZER_VOCAB_SIZE = 1536  # BPE vocabulary incl. the 256 byte alphabet; special tokens come on top
 MODEL_MAX_LENGTH = 8192

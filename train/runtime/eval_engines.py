@@ -156,9 +156,22 @@ def vllm_missing_message() -> str:
 
 
 def vllm_answers(
-    model_dir: str, items: list[EvalItem], max_new_tokens: int, timeout: int = 1800
+    model_dir: str,
+    items: list[EvalItem],
+    max_new_tokens: int,
+    timeout: int = 1800,
+    *,
+    trust_remote_code: bool = False,
 ) -> list[str]:
-    """Greedy answers from vLLM (its own venv, in a subprocess: it pins its own torch)."""
+    """Greedy answers from vLLM (its own venv, in a subprocess: it pins its own torch).
+
+    ``trust_remote_code`` is also set for an original-layout export (config.json says
+    InternVLChatModel): its config class is the configuration_internvl_chat.py written next to it
+    (vLLM serves it with its own InternVLChatModel; the directory has no modeling code).
+    """
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    trust_remote_code = trust_remote_code or "InternVLChatModel" in (config.get("architectures") or [])
     python = vllm_python()
     if python is None:
         raise RuntimeError(vllm_missing_message())
@@ -170,6 +183,7 @@ def vllm_answers(
                 {
                     "model": str(model_dir),
                     "max_new_tokens": max_new_tokens,
+                    "trust_remote_code": trust_remote_code,
                     "items": [asdict(i) for i in items],
                 }
             )

@@ -22,6 +22,8 @@ def main(request_path: str, reply_path: str) -> None:
         limit_mm_per_prompt={"image": most_images, "video": 0},
         enforce_eager=True,
         seed=0,
+        # an original-layout export's config class is a configuration_internvl_chat.py of its own
+        trust_remote_code=bool(request.get("trust_remote_code", False)),
         # on the CPU backend this is the share of the machine's memory vLLM reserves at start
         gpu_memory_utilization=request.get("memory_fraction", 0.2),
     )

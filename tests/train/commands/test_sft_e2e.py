@@ -216,3 +216,22 @@ def test_loss_invariance_two_ranks(tmp_path, reduction, zero_stage):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_grad"] > 1e-3  # a real gradient, not all zeros
     assert result["max_abs_diff"] < 1e-5 * max(1.0, result["max_grad"])
+
+
+def test_training_from_an_original_format_checkpoint_equals_training_from_hf(small_data):
+    """`model.pretrained=` an original-layout dir (InternVLChatModel keys, fused qkv) is converted at start
+    and trains exactly as the -hf checkpoint it came from: the same loss at every step."""
+    from vlmtune.train.model.original_format import convert
+
+    root, meta, ckpt = small_data
+    original = root / "tiny_original"
+    if not original.exists():
+        convert(ckpt, original, "original")
+    extra = {"train.max_steps": 2, "train.save_every": 0, "train.export": False}
+    from_hf, from_original = root / "from_hf", root / "from_original"
+    run_sft(base_overrides(ckpt, meta, from_hf, **extra))
+    proc = run_sft(base_overrides(original, meta, from_original, **extra))
+    assert "is in the original InternVL layout: converted to" in proc.stdout + proc.stderr
+    assert (from_original / "pretrained_hf" / "config.json").exists()
+    hf_losses = [m["loss"] for m in _metrics(from_hf)]
+    assert [m["loss"] for m in _metrics(from_original)] == pytest.approx(hf_losses, rel=1e-6)

@@ -166,9 +166,19 @@ def test_tiny_original_layout_and_config(tiny_chain: dict[str, Path]) -> None:
     vision = config["vision_config"]
     assert (vision["qk_normalization"], vision["qkv_bias"], vision["norm_type"]) == (True, False, "rms_norm")
     assert (vision["image_size"], vision["patch_size"], vision["initializer_factor"]) == (56, 7, 0.1)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    assert config["auto_map"] == {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}
+    assert "system_message" not in config  # the tiny template inserts no system prompt
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tiny_chain["orig1"] / name).read_bytes() == (tiny_chain["hf0"] / name).read_bytes()
+    # The chat template differs only in its image placeholder, and is the -hf one again after the round trip.
+    hf_template = (tiny_chain["hf0"] / "chat_template.jinja").read_text()
+    assert (tiny_chain["orig1"] / "chat_template.jinja").read_text() == hf_template.replace(
+        "'<IMG_CONTEXT>\n'", "'<image>\n'"
+    )
+    for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
+        assert (tiny_chain["hf2"] / name).read_bytes() == (tiny_chain["hf0"] / name).read_bytes(), name
     assert not (tiny_chain["hf2"] / "processor_config.json").exists()  # the caller writes the processor
+    assert not (tiny_chain["hf2"] / "configuration_internvl_chat.py").exists()
 
 
 def _logits(model, config, seed: int = 0) -> torch.Tensor:
@@ -617,3 +627,209 @@ def test_cli_round_trip_and_errors(
     assert "config.json" in capsys.readouterr().err
     assert main([str(tiny_model_dir), "--out", str(tmp_path / "hf"), "--to", "original"]) == 2  # not empty
     assert str(tmp_path / "hf") in capsys.readouterr().err
+
+
+# -- serving the original layout (vLLM's InternVLChatModel): config class, chat template, settings -------
+
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "image"},
+            {"type": "text", "text": "What shape?"},
+            {"type": "video"},
+        ],
+    },
+    {"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
+    {"role": "user", "content": [{"type": "text", "text": "Colour?"}]},
+]
+
+
+def _render(model_dir: Path, messages: list[dict] = MESSAGES) -> str:
+    """The prompt a server builds from the directory's own tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _copy_tiny(tiny_model_dir: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+def test_the_config_class_loads_with_autoconfig(tiny_chain: dict[str, Path]) -> None:
+    from transformers import AutoConfig, Qwen2Config
+
+    orig = tiny_chain["orig1"]
+    written = json.loads((orig / "config.json").read_text())
+    assert (orig / "configuration_internvl_chat.py").is_file()
+    config = AutoConfig.from_pretrained(orig, trust_remote_code=True)
+    assert type(config).__name__ == "InternVLChatConfig" and config.model_type == "internvl_chat"
+    assert type(config.vision_config).__name__ == "InternVisionConfig"
+    assert isinstance(config.llm_config, Qwen2Config)
+    # What vLLM's InternVLChatModel and its processor read, as config.json says.
+    for key in (
+        "max_dynamic_patch",
+        "min_dynamic_patch",
+        "use_thumbnail",
+        "dynamic_image_size",
+        "force_image_size",
+        "downsample_ratio",
+        "select_layer",
+        "ps_version",
+        "template",
+    ):
+        assert getattr(config, key) == written[key], key
+    vision = config.vision_config
+    for key in ("hidden_size", "image_size", "patch_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(vision, key) == written["vision_config"][key], key
+    for key in ("qkv_bias", "qk_normalization", "norm_type", "layer_norm_eps", "initializer_factor"):
+        assert getattr(vision, key) == written["vision_config"][key], key
+    llm = config.llm_config
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "eos_token_id"):
+        assert getattr(llm, key) == written["llm_config"][key], key
+    assert llm.rope_parameters["rope_theta"] == written["llm_config"]["rope_theta"]
+    # The class serialises its sub-configs (save_pretrained, vLLM's config hashing).
+    as_dict = config.to_dict()
+    assert as_dict["vision_config"]["hidden_size"] == vision.hidden_size
+    assert as_dict["llm_config"]["hidden_size"] == llm.hidden_size
+    json.dumps(as_dict)
+
+
+def test_the_config_class_refuses_other_llms(tiny_chain: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    orig = _copy_tiny(tiny_chain["orig1"], tmp_path / "orig")
+    config = json.loads((orig / "config.json").read_text())
+    config["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    (orig / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM only"):
+        AutoConfig.from_pretrained(orig, trust_remote_code=True)
+
+
+def test_the_original_template_emits_image_placeholders(tiny_chain: dict[str, Path]) -> None:
+    hf_prompt, orig_prompt = _render(tiny_chain["hf0"]), _render(tiny_chain["orig1"])
+    assert "<IMG_CONTEXT>\n" in hf_prompt
+    assert "<IMG_CONTEXT>" not in orig_prompt
+    assert orig_prompt == hf_prompt.replace("<IMG_CONTEXT>\n", "<image>\n")
+    assert orig_prompt.count("<image>\n") == 1 and orig_prompt.count("<video>\n") == 1
+    assert orig_prompt.startswith("<|im_start|>user\n<image>\nWhat shape?")
+    assert orig_prompt.endswith("<|im_start|>user\nColour?<|im_end|>\n<|im_start|>assistant\n")
+    assert _render(tiny_chain["hf2"]) == hf_prompt  # back to -hf: <IMG_CONTEXT> again
+
+
+def test_template_rewrite_is_precise_both_newline_spellings() -> None:
+    from vlmtune.data.serving import INTERNVL3_HF_CHAT_TEMPLATE
+    from vlmtune.train.model.original_format import hf_chat_template, original_chat_template
+
+    real = INTERNVL3_HF_CHAT_TEMPLATE
+    escaped = real.replace("\n", "\\n")  # as transformers' convert script's Python source spells it
+    for template, newline in ((real, "\n"), (escaped, "\\n")):
+        out = original_chat_template(template)
+        assert out == template.replace(f"'<IMG_CONTEXT>{newline}'", f"'<image>{newline}'")
+        assert hf_chat_template(out) == template
+    dashed = real.replace("{% if content['type'] == 'image' %}", '{%- if content["type"] == "image" -%}')
+    assert "<image>" in original_chat_template(dashed)
+    # Templates of other checkpoints (OpenGVLab's, which take string content) are left as they are.
+    plain = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}{% endfor %}"
+    assert hf_chat_template(plain) == plain
+    for bad, what in (
+        (plain, "0 image parts"),
+        (real + real, "2 image parts"),
+        (real.replace("{{ content['text'] }}", "{{ content['text'] }}{{ '<IMG_CONTEXT>' }}"), "outside"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            original_chat_template(bad)
+
+
+def test_a_template_without_the_image_part_is_refused_before_writing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    src = _copy_tiny(tiny_model_dir, tmp_path / "hf")
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match=r"chat_template\.jinja: the chat template has 0 image parts"):
+        convert(src, tmp_path / "orig", "original")
+    assert not (tmp_path / "orig").exists() and not (tmp_path / "orig.partial").exists()
+
+
+def test_the_default_system_prompt_is_kept_and_set_in_the_config(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from vlmtune.data.serving import chat_template_with_system
+    from vlmtune.train.model.original_format import template_system_prompt
+
+    prompt = 'You are "Tiny".\nAnswer in one word, 你好.'
+    src = _copy_tiny(tiny_model_dir, tmp_path / "hf")
+    template = chat_template_with_system((src / "chat_template.jinja").read_text(), prompt)
+    (src / "chat_template.jinja").write_text(template)
+    assert template_system_prompt(template) == prompt
+    summary = convert(src, tmp_path / "orig", "original")
+    assert summary["serving"]["system_message"] == prompt
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    assert config["system_message"] == prompt
+    hf_prompt, orig_prompt = _render(src), _render(tmp_path / "orig")
+    assert orig_prompt.startswith(f"<|im_start|>system\n{prompt}<|im_end|>\n<|im_start|>user\n<image>\n")
+    assert orig_prompt == hf_prompt.replace("<IMG_CONTEXT>\n", "<image>\n")
+    own_system = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *MESSAGES]
+    assert _render(tmp_path / "orig", own_system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    convert(tmp_path / "orig", tmp_path / "back", "hf")
+    assert (tmp_path / "back" / "chat_template.jinja").read_text() == template
+
+
+def test_json_stored_templates_are_rewritten_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A template in chat_template.json or tokenizer_config.json (a named list too) is rewritten like
+    chat_template.jinja, so no file a server may read still says <IMG_CONTEXT>."""
+    src = _copy_tiny(tiny_model_dir, tmp_path / "hf")
+    template = (src / "chat_template.jinja").read_text()
+    (src / "chat_template.jinja").unlink()
+    (src / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    tok["chat_template"] = [{"name": "default", "template": template}, {"name": "tool_use", "template": "x"}]
+    (src / "tokenizer_config.json").write_text(json.dumps(tok))
+    summary = convert(src, tmp_path / "orig", "original")
+    assert summary["chat_template_rewritten"] == ["chat_template.json", "tokenizer_config.json"]
+    expected = template.replace("'<IMG_CONTEXT>\n'", "'<image>\n'")
+    assert json.loads((tmp_path / "orig" / "chat_template.json").read_text())["chat_template"] == expected
+    written = json.loads((tmp_path / "orig" / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == [
+        {"name": "default", "template": expected},
+        {"name": "tool_use", "template": "x"},
+    ]
+    assert {k: v for k, v in written.items() if k != "chat_template"} == {
+        k: v for k, v in tok.items() if k != "chat_template"
+    }
+
+
+@pytest.mark.parametrize(
+    "image_processor,expected",
+    [
+        # the demo's: one tile per image, no cropping
+        (
+            {"max_patches": 1, "min_patches": 1, "crop_to_patches": False},
+            {"max_dynamic_patch": 1, "min_dynamic_patch": 1, "dynamic_image_size": False},
+        ),
+        (
+            {"max_patches": 6, "min_patches": 2, "crop_to_patches": True},
+            {"max_dynamic_patch": 6, "min_dynamic_patch": 2, "dynamic_image_size": True},
+        ),
+    ],
+)
+def test_the_processor_tiling_is_carried_into_the_config(
+    tiny_model_dir: Path, tmp_path: Path, image_processor: dict, expected: dict
+) -> None:
+    from transformers import AutoConfig
+
+    src = _copy_tiny(tiny_model_dir, tmp_path / "hf")
+    processor = json.loads((src / "processor_config.json").read_text())
+    processor["image_processor"].update(image_processor)
+    (src / "processor_config.json").write_text(json.dumps(processor))
+    convert(src, tmp_path / "orig", "original")
+    config = json.loads((tmp_path / "orig" / "config.json").read_text())
+    expected = {**expected, "use_thumbnail": True, "force_image_size": 56}
+    assert {k: config[k] for k in expected} == expected
+    assert config["vision_config"]["image_size"] == 56  # the tile vLLM's InternVL processor cuts
+    loaded = AutoConfig.from_pretrained(tmp_path / "orig", trust_remote_code=True)
+    assert {k: getattr(loaded, k) for k in expected} == expected

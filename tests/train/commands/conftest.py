@@ -30,3 +30,15 @@ def demo_run(tmp_path_factory):
         ]
     )
     return out, root / "data" / "meta_eval.json"
+
+
+@pytest.fixture(scope="session")
+def vllm_hf_answers(demo_run):
+    """vLLM's greedy answers on the demo export's 100 held-out questions (one vLLM start, shared)."""
+    from vlmtune.train.runtime.eval_engines import eval_items, vllm_answers, vllm_missing_message, vllm_python
+
+    if vllm_python() is None:
+        pytest.skip(vllm_missing_message())
+    out, meta = demo_run
+    items = eval_items(str(meta), 0, None)  # seed 0: the demo's data.seed (vlmtune eval's order)
+    return items, vllm_answers(str(out / "hf"), items, max_new_tokens=8)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from vlmtune.data.answers import normalise_answer
 from vlmtune.train.model.original_format import convert
-from vlmtune.train.runtime.eval_engines import eval_items, vllm_answers, vllm_missing_message, vllm_python
+from vlmtune.train.runtime.eval_engines import vllm_answers, vllm_missing_message, vllm_python
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +50,10 @@ def test_the_original_export_converts_back_to_the_hf_export_bit_for_bit(demo_run
 
 
 @pytest.mark.skipif(vllm_python() is None, reason=vllm_missing_message())
-def test_vllm_answers_the_original_export_as_the_hf_export(demo_run, original_export):
-    out, meta = demo_run
-    items = eval_items(str(meta), 0, None)  # seed 0: the demo's data.seed (vlmtune eval's order)
+def test_vllm_answers_the_original_export_as_the_hf_export(vllm_hf_answers, original_export):
+    items, hf_answers = vllm_hf_answers
     assert len(items) == 100
-    answers = {
-        "hf": vllm_answers(str(out / "hf"), items, max_new_tokens=8),
-        "original": vllm_answers(str(original_export), items, max_new_tokens=8),
-    }
+    answers = {"hf": hf_answers, "original": vllm_answers(str(original_export), items, max_new_tokens=8)}
     norm = {name: [normalise_answer(a) for a in got] for name, got in answers.items()}
     gold = [normalise_answer(item.answer) for item in items]
     same = [a == b for a, b in zip(norm["hf"], norm["original"])]

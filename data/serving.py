@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def serving_processor(
     if template is None:  # e.g. an original-format base: its format is InternVL3's (checked at start)
         log.warning("%s: no chat template; the export gets InternVL3-hf's", source_dir)
         template = INTERNVL3_HF_CHAT_TEMPLATE
-    template = chat_template_with_system(_strip_system_default(template), settings.get("system_prompt"))
+    template = chat_template_with_system(split_system_default(template)[1], settings.get("system_prompt"))
     if processor is None:
         processor = build_processor(tokenizer, settings["image_size"], image_seq_length, template)
     processor.chat_template = template
@@ -157,14 +158,25 @@ def serving_processor(
     return processor, configure_processor(processor, settings)
 
 
-_SYSTEM_MARK = "{%- if not messages or messages[0]['role'] != 'system' %}"
+#: What `chat_template_with_system` writes: the system prompt as a JSON string literal.
+_SYSTEM_PREFIX = re.compile(
+    r"\{%- if not messages or messages\[0\]\['role'\] != 'system' %\}"
+    r"\{\{- '<\|im_start\|>system\\n' \+ (?P<literal>\"(?:[^\"\\]|\\.)*\") \+ '<\|im_end\|>\\n' \}\}"
+    r"\{%- endif %\}"
+)
 
 
-def _strip_system_default(template: str) -> str:
-    """A template this module wrote before (a re-export, a merge) without its system-prompt prefix."""
-    if template.startswith(_SYSTEM_MARK):
-        return template[template.index("{%- endif %}") + len("{%- endif %}") :]
-    return template
+def split_system_default(template: str) -> tuple[str | None, str]:
+    """(the default system prompt ``chat_template_with_system`` put in front of ``template``, the template
+    without it); (None, template) for a template it did not write. Re-exports, merges and conversions
+    read it back instead of stacking a second prefix."""
+    found = _SYSTEM_PREFIX.match(template)
+    if found is None:
+        return None, template
+    try:
+        return json.loads(found["literal"]), template[found.end() :]
+    except json.JSONDecodeError:
+        return None, template
 
 
 def stop_at_im_end(generation_config: Any, tokenizer: Any) -> None:

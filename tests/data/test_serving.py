@@ -148,9 +148,10 @@ def test_text_only_record_prompts_as_training(tmp_path, tokenizer, tiny_model_di
 def test_template_prefix_is_written_once_on_re_export():
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     once = chat_template_with_system(template, "A")
-    from vlmtune.data.serving import _strip_system_default
+    from vlmtune.data.serving import split_system_default
 
-    assert chat_template_with_system(_strip_system_default(once), "B") == chat_template_with_system(
+    assert split_system_default(once)[0] == "A"
+    assert chat_template_with_system(split_system_default(once)[1], "B") == chat_template_with_system(
         template, "B"
     )
     assert chat_template_with_system(template, None) == template

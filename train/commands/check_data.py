@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vlmtune.data.check import scan, summary_table
-from vlmtune.data.dataset import DataConfig, SampleProcessor
+from vlmtune.data.dataset import SampleProcessor
 from vlmtune.data.meta import MetaError, load_meta
 from vlmtune.data.report import ALL_REASONS, SkipReport
-from vlmtune.train.runtime.export import trained_settings
+from vlmtune.train.runtime.evaluate import trained_data_config
 
 TINY_IMAGE_SIZE = 56
 TINY_TOKENS_PER_TILE = 16
@@ -69,21 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmtune check-data: {e}", file=sys.stderr)
         return 2
 
-    trained = trained_settings(args.model_dir)
-
-    def setting(name: str, given: Any) -> Any:  # the command line, else the model's run, else the default
-        return given if given is not None else trained.get(name, getattr(DataConfig, name))
-
-    args.max_length = setting("max_length", args.max_length)
-    cfg = DataConfig(
-        meta_path=str(args.meta),
-        max_length=args.max_length,
-        image_size=image_size,
-        max_dynamic_patch=setting("max_dynamic_patch", args.max_dynamic_patch),
-        min_dynamic_patch=trained.get("min_dynamic_patch", DataConfig.min_dynamic_patch),
-        use_thumbnail=trained.get("use_thumbnail", DataConfig.use_thumbnail),
-        system_prompt=trained.get("system_prompt", DataConfig.system_prompt),
-    )
+    # the model's run settings (an export's vlmtune.json) as defaults, the command line over them
+    cfg = trained_data_config(args.model_dir, image_size, str(args.meta))
+    given = {"max_length": args.max_length, "max_dynamic_patch": args.max_dynamic_patch}
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    args.max_length = cfg.max_length
     report = SkipReport()
     stats = scan(specs, SampleProcessor(cfg, tokenizer, tokens_per_tile), report, args.limit)
     datasets = {name: st.to_dict(dict(report.by_dataset.get(name, {}))) for name, st in stats.items()}

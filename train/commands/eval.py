@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.answers import MATCH_MODES, answers_match, normalise_answer
+from vlmtune.data.answers import MATCH_MODES, answers_match
 from vlmtune.train.runtime.evaluate import (
     evaluate_accuracy,
     majority_baseline,
@@ -30,12 +30,12 @@ ENGINES = ("vlmtune", "transformers", "vllm")
 def vlmtune_results(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from vlmtune.train.model.build import num_image_tokens_per_tile
+    from vlmtune.train.model.build import num_image_tokens_per_tile, tile_size
     from vlmtune.train.runtime.export import load_trained
 
     model = load_trained(args.model, args.base)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    data_cfg = trained_data_config(args.model, model.config, args.meta)
+    data_cfg = trained_data_config(args.model, tile_size(model.config.vision_config), args.meta)
     return evaluate_accuracy(
         model,
         tokenizer,
@@ -85,17 +85,21 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     by file:line), and the first disagreements with their inputs."""
     from dataclasses import asdict
 
-    ours = {r["source"]: r["prediction"] for r in results["vlmtune"]["records"]}
+    from vlmtune.train.runtime.eval_engines import against_vlmtune
+
     out: dict[str, Any] = {"agreement_with_vlmtune": {}, "disagreements": {}}
     for engine, res in results.items():
         if engine == "vlmtune":
             continue
-        pairs = [(r, i) for r, i in zip(res["records"], res["items"]) if r["source"] in ours]
-        same = [normalise_answer(r["prediction"]) == normalise_answer(ours[r["source"]]) for r, _ in pairs]
-        out["agreement_with_vlmtune"][engine] = {"rate": sum(same) / max(1, len(same)), "n": len(same)}
+        answers = [r["prediction"] for r in res["records"]]
+        ours, rows = against_vlmtune(results["vlmtune"]["records"], res["items"], answers)
+        out["agreement_with_vlmtune"][engine] = {
+            "rate": sum(ok for *_, ok in rows) / max(1, len(rows)),
+            "n": len(rows),
+        }
         out["disagreements"][engine] = [
-            {"vlmtune": ours[r["source"]], engine: r["prediction"], "answer": r["answer"], **asdict(i)}
-            for (r, i), ok in zip(pairs, same)
+            {"vlmtune": ours[i.source], engine: a, "answer": i.answer, **asdict(i)}
+            for i, a, ok in rows
             if not ok
         ][:5]
     return out

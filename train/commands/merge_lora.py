@@ -54,10 +54,10 @@ def meta_inputs(model: Any, tokenizer: Any, adapter_dir: Path, meta: str, num: i
     from vlmtune.data.dataset import SampleProcessor, iter_samples
     from vlmtune.data.meta import load_meta
     from vlmtune.data.report import SkipReport
-    from vlmtune.train.model.build import num_image_tokens_per_tile
+    from vlmtune.train.model.build import num_image_tokens_per_tile, tile_size
     from vlmtune.train.runtime.evaluate import trained_data_config
 
-    data_cfg = trained_data_config(adapter_dir, model.config, meta)
+    data_cfg = trained_data_config(adapter_dir, tile_size(model.config.vision_config), meta)
     processor = SampleProcessor(data_cfg, tokenizer, num_image_tokens_per_tile(model.config))
     specs = load_meta(meta)
     index = [(d, line) for d, spec in enumerate(specs) for line in range(spec.num_records)][:num]

@@ -181,14 +181,6 @@ _IMAGE_PART = (
 )
 HF_IMAGE_TOKEN = "<IMG_CONTEXT>"
 ORIGINAL_IMAGE_TOKEN = "<image>"
-#: The prefix `vlmtune.data.serving.chat_template_with_system` puts before a template: the run's
-#: system prompt (a JSON string literal) as a system turn when a conversation has none.
-_SYSTEM_PREFIX = re.compile(
-    r"\{%- if not messages or messages\[0\]\['role'\] != 'system' %\}"
-    r"\{\{- '<\|im_start\|>system\\n' \+ (?P<literal>\"(?:[^\"\\]|\\.)*\") \+ '<\|im_end\|>\\n' \}\}"
-    r"\{%- endif %\}"
-)
-
 # ---------------------------------------------------------------------------------------------------------
 # Tensor names
 # ---------------------------------------------------------------------------------------------------------
@@ -752,13 +744,9 @@ def hf_chat_template(template: str) -> str:
 def template_system_prompt(template: str | None) -> str | None:
     """The default system prompt a template opens with (`vlmtune.data.serving.chat_template_with_system`'s
     prefix), or None."""
-    m = _SYSTEM_PREFIX.match(template or "")
-    if m is None:
-        return None
-    try:
-        return json.loads(m["literal"])
-    except json.JSONDecodeError:
-        return None
+    from vlmtune.data.serving import split_system_default
+
+    return split_system_default(template or "")[0]
 
 
 def _template_files(model_dir: Path) -> dict[str, Any]:

@@ -202,6 +202,22 @@ def vllm_answers(
         return json.loads(reply.read_text())["answers"]
 
 
+def against_vlmtune(
+    records: list[dict], items: list[EvalItem], answers: list[str]
+) -> tuple[dict[str, str], list[tuple[EvalItem, str, bool]]]:
+    """vlmtune's answers by file:line (``records`` of `evaluate_accuracy`), and for every item vlmtune
+    answered: (item, the engine's answer, whether the two agree, normalised)."""
+    from vlmtune.data.answers import normalise_answer
+
+    ours = {r["source"]: r["prediction"] for r in records}
+    rows = [
+        (i, a, normalise_answer(a) == normalise_answer(ours[i.source]))
+        for i, a in zip(items, answers)
+        if i.source in ours
+    ]
+    return ours, rows
+
+
 #: The end-of-run check loads the export a second time in one process: beyond this, say how instead.
 SERVING_CHECK_MAX_PARAMS = 3e9
 
@@ -212,14 +228,13 @@ def serving_check(
     """Ask the first ``num`` held-out questions again through plain transformers and compare with
     vlmtune's answers (``records`` of `evaluate_accuracy`); the first disagreement is diagnosed
     (prompt ids, tiles, pixels) against vlmtune's own sample of the same record."""
-    ours = {r["source"]: r["prediction"] for r in records}
-    items = [i for i in eval_items(data_cfg.meta_path, data_cfg.seed, None) if i.source in ours][:num]
-    answers = transformers_answers(str(export_dir), items, max_new_tokens=8)
-    from vlmtune.data.answers import normalise_answer
-
-    same = [normalise_answer(a) == normalise_answer(ours[i.source]) for i, a in zip(items, answers)]
-    result: dict[str, Any] = {"n": len(items), "agreement": sum(same) / max(1, len(items))}
-    wrong = [(i, a) for (i, a), ok in zip(zip(items, answers), same) if not ok]
+    answered = {r["source"] for r in records}
+    items = [i for i in eval_items(data_cfg.meta_path, data_cfg.seed, None) if i.source in answered][:num]
+    ours, rows = against_vlmtune(
+        records, items, transformers_answers(str(export_dir), items, max_new_tokens=8)
+    )
+    result: dict[str, Any] = {"n": len(rows), "agreement": sum(ok for *_, ok in rows) / max(1, len(rows))}
+    wrong = [(i, a) for i, a, ok in rows if not ok]
     if wrong:
         item, answer = wrong[0]
         result["first_disagreement"] = {

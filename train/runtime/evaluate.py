@@ -205,12 +205,10 @@ def majority_baseline(records: list[dict]) -> float:
     return hits / max(1, len(records))
 
 
-def trained_data_config(model_dir: str | Path, config: Any, meta: str) -> Any:
+def trained_data_config(model_dir: str | Path, image_size: int, meta: str) -> Any:
     """A DataConfig for ``meta`` with the settings the model was trained with (its vlmtune.json:
-    system prompt, tiling), so that it is prompted the way it learned."""
+    system prompt, tiling), so that it is prompted the way it learned; ``image_size`` is the model's tile."""
     from vlmtune.data.dataset import DataConfig
-    from vlmtune.train.model.build import tile_size
     from vlmtune.train.runtime.export import trained_settings
 
-    size = tile_size(config.vision_config)
-    return DataConfig(**{"image_size": size, **trained_settings(model_dir), "meta_path": meta})
+    return DataConfig(**{"image_size": image_size, **trained_settings(model_dir), "meta_path": meta})

@@ -78,6 +78,7 @@ def test_end_of_run_serving_check_passes_and_catches_the_base_checkpoints_tiling
 
     from transformers import AutoTokenizer
 
+    from vlmtune.train.model.build import tile_size
     from vlmtune.train.runtime.eval_engines import serving_check
     from vlmtune.train.runtime.evaluate import evaluate_accuracy, trained_data_config
     from vlmtune.train.runtime.export import load_trained
@@ -92,7 +93,7 @@ def test_end_of_run_serving_check_passes_and_catches_the_base_checkpoints_tiling
     processor["image_processor"].update(max_patches=12, crop_to_patches=True)
     (broken / "processor_config.json").write_text(json.dumps(processor))
     model, tokenizer = load_trained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
-    data_cfg = trained_data_config(out / "hf", model.config, str(meta))
+    data_cfg = trained_data_config(out / "hf", tile_size(model.config.vision_config), str(meta))
     records = evaluate_accuracy(model, tokenizer, data_cfg, 16, 32, keep_records=True)["records"]
     result = serving_check(broken, records, data_cfg, tokenizer, 16, 32)
     assert result["agreement"] < 0.99

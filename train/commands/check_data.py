@@ -29,14 +29,15 @@ def load_tokenizer(model_dir: str | None) -> tuple[Any, int, int]:
         from vlmtune.train.model.tiny import build_tokenizer
 
         return build_tokenizer(None), TINY_IMAGE_SIZE, TINY_TOKENS_PER_TILE
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from vlmtune.train.model.build import num_image_tokens_per_tile, tile_size
+    from vlmtune.train.model.original_format import internvl_config
 
     path = Path(model_dir)
     if not path.is_dir():
         raise MetaError(f"--model-dir {path}: not a directory")
-    config = AutoConfig.from_pretrained(path)
+    config = internvl_config(path)  # either layout: the model card's original one is read as data
     return (
         AutoTokenizer.from_pretrained(path),
         tile_size(config.vision_config),

@@ -108,7 +108,9 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune eval", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", required=True, help="HF-format model or LoRA adapter directory (OUTPUT_DIR/hf or /adapter)"
+        "--model",
+        required=True,
+        help="model directory (OUTPUT_DIR/hf, /original) or LoRA adapter directory (/adapter)",
     )
     parser.add_argument("--base", default=None, help="base model of an adapter (default: its adapter_config)")
     parser.add_argument("--meta", required=True, help="InternVL meta JSON of the held-out split")
@@ -138,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             engines = ("vlmtune", "transformers")
+    from vlmtune.train.model.original_format import is_original_format
+
+    if "transformers" in engines and is_original_format(args.model):
+        message = (
+            f"{args.model} is in the original InternVL layout, which plain transformers loads only with "
+            "OpenGVLab's remote code; vlmtune converts it in memory, vLLM serves it natively"
+        )
+        if args.engine != "all":
+            parser.error(f"--engine transformers: {message}; use --engine vlmtune,vllm or the -hf export")
+        print(f"vlmtune eval: {message}; leaving transformers out", file=sys.stderr)
+        engines = tuple(e for e in engines if e != "transformers")
     if engines == ("vlmtune",):
         results = vlmtune_results(args)
         results.pop("records")

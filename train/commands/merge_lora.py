@@ -1,4 +1,4 @@
-"""`vlmtune merge-lora ADAPTER_DIR [--base DIR] --out DIR`: fold LoRA adapters into the base weights.
+"""`vlmtune merge-lora ADAPTER_DIR [--base DIR] --out DIR [--format hf|original]`: fold LoRA adapters into the base weights.
 
 The merged model is only written when its logits on a few multimodal check inputs match the
 adapter model's (the step where a wrong base, a dtype surprise or a missing `modules_to_save`
@@ -92,8 +92,12 @@ def merge_lora(
     meta: str | None = None,
     num_checks: int = 4,
     tolerance: float | None = None,
+    out_format: str = "hf",
 ) -> dict[str, Any]:
-    """Merge, check, write; raises (and writes nothing at ``out``) when the check fails."""
+    """Merge, check, write (``out_format`` hf, or original: the model card's layout, converted from the
+    checked -hf merge); raises (and writes nothing at ``out``) when the check fails."""
+    if out_format not in ("hf", "original"):
+        raise ValueError(f"format={out_format!r}: use 'hf' or 'original'")
     from transformers import AutoTokenizer
 
     from vlmtune.train.runtime.export import load_trained, write_companions
@@ -124,7 +128,8 @@ def merge_lora(
             f"merged model's logits differ from the adapter model's by {diff:.3g} (relative) > {limit:.3g}; "
             f"nothing written to {out}"
         )
-    staging = out.with_name(out.name + ".partial")
+    # (not convert's own staging name, "<out>.partial", when the original layout is converted from it)
+    staging = out.with_name(out.name + (".partial" if out_format == "hf" else ".merged-hf"))
     shutil.rmtree(staging, ignore_errors=True)
     from vlmtune.data.serving import stop_at_im_end
 
@@ -132,18 +137,32 @@ def merge_lora(
     merged.save_pretrained(staging, safe_serialization=True)
     write_companions(staging, tokenizer, str(adapter_dir), {**settings, "merge_check": check}, merged.config)
     shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    if out_format == "original":
+        from vlmtune.train.model.original_format import convert
+
+        try:
+            convert(staging, out, "original")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(out)
     return check
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune merge-lora", description=__doc__)
     parser.add_argument("adapter", help="peft adapter directory (a LoRA run's OUTPUT_DIR/adapter)")
-    parser.add_argument("--out", required=True, help="where to write the merged HF-format model")
+    parser.add_argument("--out", required=True, help="where to write the merged model")
     parser.add_argument("--base", default=None, help="base model directory (default: the adapter config's)")
     parser.add_argument("--meta", default=None, help="check the merge on this meta file's first samples")
     parser.add_argument("--num-checks", type=int, default=4)
     parser.add_argument("--tolerance", type=float, default=None, help="max relative logit difference")
+    parser.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "original"),
+        help="hf: transformers' layout; original: the model card's InternVLChatModel layout",
+    )
     args = parser.parse_args(argv)
     try:
         check = merge_lora(
@@ -153,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             meta=args.meta,
             num_checks=args.num_checks,
             tolerance=args.tolerance,
+            out_format=args.format,
         )
     except (ValueError, RuntimeError) as e:
         print(f"vlmtune merge-lora: {e}", file=sys.stderr)

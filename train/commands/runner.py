@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmtune.configs import CONFIG_DIR
 from vlmtune.data.conversation import check_chat_format
 from vlmtune.train.objectives import Objective
-from vlmtune.train.runtime.config import SFTRunConfig, register_schemas
+from vlmtune.train.runtime.config import SFTRunConfig, register_schemas, to_run_config
 
 log = logging.getLogger("vlmtune")
 
@@ -85,6 +85,9 @@ class SampleLoader:
         return process_position(self.processor, self.specs, index, position, self.seed, epoch, self.training)
 
 
+EXPORT_FORMATS = ("hf", "original", "both")
+
+
 def check_config(cfg: SFTRunConfig) -> None:
     """Refuse, at start, values that would otherwise fail hours in."""
     from vlmtune.data.token_weights import reduction_exponent
@@ -93,6 +96,16 @@ def check_config(cfg: SFTRunConfig) -> None:
     reduction_exponent(cfg.train.loss_reduction)
     from vlmtune.data.answers import MATCH_MODES
 
+    if cfg.train.export_format not in EXPORT_FORMATS:
+        raise ValueError(
+            f"train.export_format must be one of {', '.join(EXPORT_FORMATS)}, got {cfg.train.export_format!r}"
+        )
+    if cfg.lora.enabled and cfg.train.export_format != "hf":
+        raise ValueError(
+            f"train.export_format={cfg.train.export_format} with LoRA: the adapter is exported against the "
+            "-hf keys (peft loads it on the -hf base); write the original layout from it with "
+            "`vlmtune merge-lora OUTPUT_DIR/adapter --out DIR --format original`"
+        )
     if cfg.train.eval_match not in MATCH_MODES:
         raise ValueError(
             f"train.eval_match must be one of {', '.join(MATCH_MODES)}, got {cfg.train.eval_match!r}"
@@ -296,7 +309,8 @@ def resume(cfg: Any, engine: Any, objective: Objective, data: TrainData, out_dir
 
 def export(cfg: Any, engine: Any, tokenizer: Any, out_dir: Path, specs: list) -> Path:
     """The HF directory (full fine-tune) or the peft adapter directory (LoRA), with the run's data
-    settings for the serving files (and the datasets whose meta entry tiled otherwise)."""
+    settings for the serving files (and the datasets whose meta entry tiled otherwise); with
+    ``export_format`` original or both, rank 0 also converts it to ``output_dir/original``."""
     from vlmtune.data.dataset import sample_settings
     from vlmtune.data.serving import per_dataset_tiling
     from vlmtune.train.runtime.export import export_adapter, export_hf
@@ -307,7 +321,29 @@ def export(cfg: Any, engine: Any, tokenizer: Any, out_dir: Path, specs: list) ->
         extra["per_dataset_tiling"] = own
     write, target = (export_adapter, out_dir / "adapter") if cfg.lora.enabled else (export_hf, out_dir / "hf")
     write(engine, tokenizer, target, source_dir=cfg.model.tokenizer or cfg.model.pretrained, extra=extra)
+    if cfg.train.export_format != "hf" and dist.get_rank() == 0:
+        import shutil
+
+        from vlmtune.train.model.original_format import convert
+
+        original = out_dir / "original"
+        shutil.rmtree(original, ignore_errors=True)  # a rerun's export replaces the last one
+        convert(target, original, "original")
+        log.info("export: %s in the original InternVL layout (from %s)", original, target)
+    dist.barrier()
     return target
+
+
+def drop_hf_copy(cfg: Any, summary: dict[str, Any], rank: int) -> None:
+    """``export_format=original``: the -hf directory served the end-of-run eval; only the original stays."""
+    if cfg.train.export_format != "original" or "export" not in summary:
+        return
+    hf = Path(summary["export"])
+    summary["export"] = str(hf.parent / "original")
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(hf, ignore_errors=True)
 
 
 def log_final(summary: dict[str, Any], out_dir: Path, skipped: int) -> None:
@@ -415,6 +451,7 @@ def _train(
         log_final(summary, out_dir, data.report.total)
         if "export" in summary and "eval" in summary and cfg.train.serving_check > 0:
             summary["serving_check"] = check_serving(cfg, summary, records, tokenizer, built)
+    drop_hf_copy(cfg, summary, rank)
     return summary
 
 
@@ -460,7 +497,7 @@ def hydra_entry(argv: list[str], config_name: str, run: Callable[[Any], Any]) ->
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)
     def _app(dcfg: DictConfig) -> Any:
-        return run(OmegaConf.to_object(dcfg))
+        return run(to_run_config(dcfg))
 
     saved = sys.argv
     sys.argv = [f"vlmtune-{config_name}", *argv]

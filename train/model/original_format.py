@@ -56,6 +56,7 @@ COMPANION_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "vlmtune.json",  # the data settings a vlmtune run trained with: `vlmtune eval` prompts as training did
 )
 
 #: The original layout's config class, written next to its config.json (config.json's ``auto_map`` names
@@ -1249,3 +1250,80 @@ def _write_hf_config(model_dir: Path, hf_config: dict[str, Any]) -> None:
     )
     config.architectures = [HF_ARCHITECTURE]
     config.save_pretrained(model_dir)
+
+
+def internvl_config(model_dir: str | Path) -> Any:
+    """The transformers `InternVLConfig` of a checkpoint in either layout (the original one mapped from
+    its config.json as data), with `tie_word_embeddings` taken from the LLM's config."""
+    from transformers import InternVLConfig
+
+    model_dir = Path(model_dir)
+    if not is_original_format(model_dir):
+        from vlmtune.train.model.build import load_internvl_config
+
+        return load_internvl_config(str(model_dir))
+    config_path = model_dir / "config.json"
+    try:
+        hf_config = hf_config_from_original(
+            _read_json(config_path), image_token_id=image_token_id_of(model_dir)
+        )
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    config = InternVLConfig(
+        **{k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
+    )
+    config.tie_word_embeddings = bool(config.text_config.tie_word_embeddings)
+    return config
+
+
+def load_original(model_dir: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """An original-format checkpoint as transformers' `InternVLForConditionalGeneration`, converted in
+    memory (no disk copy, no remote code): for inference (`vlmtune eval`, a LoRA base). Tensors are read
+    one at a time into a model built without random init; every key must be filled and every tensor used,
+    or the error lists what is missing or left over."""
+    from transformers import InternVLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    model_dir = Path(model_dir)
+    if not is_original_format(model_dir):
+        raise ValueError(f"{model_dir / 'config.json'}: not an original InternVLChatModel config")
+    config = internvl_config(model_dir)
+    shards, _ = _source_shards(model_dir)
+    metas = [meta for shard in shards for _, meta in _meta_tensors(shard)]
+    dtype = dtype or getattr(torch, _dominant_dtype(metas) or "float32")
+    with no_init_weights():  # built in ``dtype`` (not cast after: that would round the fp32 rotary buffers)
+        model = InternVLForConditionalGeneration._from_config(config, dtype=dtype)
+    wanted = model.state_dict()
+    filled: set[str] = set()
+    reader = _Reader()
+    try:
+        for shard in shards:
+            names = [name for name, _ in _meta_tensors(shard)]
+            tensors = ((name, reader.get(shard, name)) for name in names)
+            try:
+                for key, tensor in original_to_hf(tensors, on_disk=False):
+                    if key not in wanted:
+                        raise ValueError(f"tensor {key!r} has no place in the model the config describes")
+                    if tuple(wanted[key].shape) != tuple(tensor.shape):
+                        raise ValueError(
+                            f"tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
+                            f"{tuple(wanted[key].shape)}"
+                        )
+                    wanted[key].copy_(tensor)
+                    filled.add(key)
+            except ValueError as e:
+                raise ValueError(f"{shard}: {e}") from None
+    finally:
+        reader.close()
+    missing = sorted(set(wanted) - filled - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        raise ValueError(
+            f"{model_dir}: the checkpoint has no tensor for {len(missing)} key(s): {missing[:5]}"
+        )
+    model.tie_weights()
+    generation = model_dir / "generation_config.json"
+    if generation.exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model.eval()

@@ -23,8 +23,10 @@ from vlmtune.train.objectives.mpo import MPOLossConfig
 @dataclass
 class EvalDataConfig(DataConfig):
     """The ``eval_data`` block: every sample setting follows ``data.*`` unless set, so held-out questions
-    are prompted and tiled as the training data was (a preset or a user sets only ``meta_path``)."""
+    are prompted and tiled as the training data was (a preset or a user sets only ``meta_path``, e.g.
+    ``eval_data.meta_path=held_out.json`` on the command line). No ``meta_path``: no held-out eval."""
 
+    meta_path: str | None = None
     max_length: int | None = II("data.max_length")
     image_size: int = II("data.image_size")
     max_dynamic_patch: int = II("data.max_dynamic_patch")
@@ -100,7 +102,11 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept on disk
     resume: bool = True  # continue from the newest complete checkpoint in output_dir if there is one
-    export: bool = True  # write an HF-format model to output_dir/hf at the end
+    export: bool = True  # write the trained model at the end (export_format says where and how)
+    #: hf: output_dir/hf (transformers' InternVL layout) | original: output_dir/original (the model card's
+    #: InternVLChatModel layout: lmdeploy, VLMEvalKit, vLLM), the -hf copy removed once the end-of-run eval
+    #: has read it | both. LoRA runs export the adapter (-hf keys); `vlmtune merge-lora --format` converts.
+    export_format: str = "hf"
     eval_max_samples: int | None = None  # cap on held-out samples for eval (None = all)
     eval_before: bool = False  # also evaluate the starting model (eval.json gets a "before" entry)
     eval_max_new_tokens: int = 8  # greedy answers stop here (or at <|im_end|>)
@@ -118,7 +124,8 @@ class SFTRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (train/model/lora.py); off by default
     data: DataConfig = field(default_factory=DataConfig)
-    eval_data: EvalDataConfig | None = None  # held-out split: sample settings follow data.* unless set
+    #: held-out split: sample settings follow data.* unless set; without a meta_path (or null): none
+    eval_data: EvalDataConfig | None = field(default_factory=EvalDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
@@ -169,6 +176,17 @@ def compose_config(method: str, overrides: list[str]) -> Any:
         node = dcfg.get(group)
         if node is not None and OmegaConf.is_missing(node, "meta_path"):
             node.meta_path = "(not read)"
+    return to_run_config(dcfg)
+
+
+def to_run_config(dcfg: Any) -> Any:
+    """The composed config as its dataclasses; an ``eval_data`` block without a meta file becomes None
+    (the block exists by default so that ``eval_data.meta_path=...`` can be given on the command line)."""
+    from omegaconf import OmegaConf
+
+    node = dcfg.get("eval_data")
+    if node is not None and node.get("meta_path") is None:
+        dcfg.eval_data = None
     return OmegaConf.to_object(dcfg)
 
 

@@ -140,21 +140,34 @@ def trained_settings(model_dir: str | Path | None) -> dict[str, Any]:
 def load_trained(path: str | Path, base: str | None = None) -> Any:
     """An exported model for inference: an HF directory, or a peft adapter directory over its base
     (``base`` or the adapter config's ``base_model_name_or_path``)."""
-    from transformers import InternVLForConditionalGeneration
-
-    from vlmtune.train.model.build import load_internvl_config
-
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        return InternVLForConditionalGeneration.from_pretrained(path, config=load_internvl_config(str(path)))
+        return load_model_dir(path)
     from peft import PeftConfig, PeftModel
 
     base = base or PeftConfig.from_pretrained(path).base_model_name_or_path
     if not base or not Path(base).exists():
         raise ValueError(f"{path}: base model {base!r} not found; pass the base model directory")
-    config = load_internvl_config(base)
     settings = path / "vlmtune.json"
-    if settings.exists() and "v2pe_delta" in (saved := json.loads(settings.read_text())):
-        config.v2pe_delta = saved["v2pe_delta"]  # the δ the adapters were trained with (train/model/v2pe.py)
-    model = InternVLForConditionalGeneration.from_pretrained(base, config=config)
+    saved = json.loads(settings.read_text()) if settings.exists() else {}
+    # the δ the adapters were trained with (train/model/v2pe.py)
+    model = load_model_dir(Path(base), v2pe_delta=saved.get("v2pe_delta"))
     return PeftModel.from_pretrained(model, path)
+
+
+def load_model_dir(path: Path, v2pe_delta: float | None = None) -> Any:
+    """A full model directory in the -hf layout, or in the original one converted in memory."""
+    from transformers import InternVLForConditionalGeneration
+
+    from vlmtune.train.model.build import load_internvl_config
+    from vlmtune.train.model.original_format import is_original_format, load_original
+
+    if is_original_format(path):
+        model = load_original(path)
+        if v2pe_delta is not None:
+            model.config.v2pe_delta = v2pe_delta
+        return model
+    config = load_internvl_config(str(path))
+    if v2pe_delta is not None:
+        config.v2pe_delta = v2pe_delta
+    return InternVLForConditionalGeneration.from_pretrained(path, config=config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -140,6 +142,38 @@ def test_merge_gives_the_adapter_models_logits(trained_adapter, tmp_path):
     assert not any("lora" in n for n in merged.state_dict())
     batch = batch_for(model, 8)
     torch.testing.assert_close(_logits(merged, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_on_an_original_format_base_loads_and_merges_into_either_format(
+    trained_adapter, tiny_model_dir, tmp_path
+):
+    """The card's layout as the base (converted in memory, the adapter's -hf keys unchanged), and the
+    merge written in the original layout holds exactly the -hf merge's tensors."""
+    from vlmtune.train.commands.merge_lora import merge_lora
+    from vlmtune.train.model.original_format import convert, load_original
+    from vlmtune.train.runtime.export import load_trained
+
+    model, adapter = trained_adapter
+    original_base = tmp_path / "base_original"
+    convert(tiny_model_dir, original_base, "original")
+    batch = batch_for(model, 9)
+    on_original = load_trained(adapter, str(original_base))
+    torch.testing.assert_close(_logits(on_original, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
+
+    merge_lora(adapter, tmp_path / "merged_hf")
+    merge_lora(adapter, tmp_path / "merged_original", base=str(original_base), out_format="original")
+    assert json.loads((tmp_path / "merged_original" / "config.json").read_text())["architectures"] == [
+        "InternVLChatModel"
+    ]
+    merged = load_original(tmp_path / "merged_original")
+    torch.testing.assert_close(_logits(merged, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
+    convert(tmp_path / "merged_original", tmp_path / "back_to_hf", "hf")
+    from safetensors.torch import load_file
+
+    expected = load_file(tmp_path / "merged_hf" / "model.safetensors")
+    got = load_file(tmp_path / "back_to_hf" / "model.safetensors")
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_merge_refuses_when_merged_logits_differ(trained_adapter, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from vlmtune.train.model.original_format import (
     hf_keys,
     hf_to_original,
     is_original_format,
+    load_original,
     original_config_from_hf,
     original_key,
     original_to_hf,
@@ -205,6 +206,30 @@ def test_tiny_converted_hf_loads_and_gives_the_same_logits(tiny_chain: dict[str,
     assert converted.config.image_token_id == source.config.image_token_id
     assert converted.config.image_seq_length == source.config.image_seq_length == 16
     torch.testing.assert_close(_logits(converted, converted.config), _logits(source, source.config))
+    in_memory = load_original(tiny_chain["orig1"])
+    assert in_memory.config.tie_word_embeddings == source.config.tie_word_embeddings
+    torch.testing.assert_close(_logits(in_memory, in_memory.config), _logits(source, source.config))
+
+
+def test_in_memory_loading_names_what_is_missing_or_left_over(
+    tiny_chain: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for change, expected in (("drop", "no tensor for 1 key"), ("extra", "no -hf counterpart")):
+        broken = tmp_path / change
+        broken.mkdir()
+        for f in tiny_chain["orig1"].iterdir():
+            if f.suffix != ".safetensors":
+                (broken / f.name).write_bytes(f.read_bytes())
+        tensors = load_file(tiny_chain["orig1"] / "model.safetensors")
+        if change == "drop":
+            tensors.pop("mlp1.1.bias")
+        else:
+            tensors["vision_model.encoder.layers.0.attn.qkv.lora_A.weight"] = torch.zeros(2, 2)
+        save_file(tensors, broken / "model.safetensors")
+        with pytest.raises(ValueError, match=expected):
+            load_original(broken)
 
 
 # -- small random models with each size's shape features ---------------------------------------------
@@ -327,6 +352,11 @@ def test_random_models_round_trip_load_and_match(name: str, tmp_path: Path) -> N
     converted = _load_checked(tmp_path / "hf2")
     assert converted.dtype == variant["dtype"]
     torch.testing.assert_close(_logits(converted, converted.config), _logits(source, source.config))
+    # Converted in memory (no disk copy): the same tensors, the same logits.
+    in_memory = load_original(tmp_path / "orig1")
+    assert in_memory.dtype == variant["dtype"]
+    assert_identical(in_memory.state_dict(), converted.state_dict())
+    torch.testing.assert_close(_logits(in_memory, in_memory.config), _logits(source, source.config))
 
 
 def test_a_shard_holding_only_a_qkv_piece_keeps_the_shard_count(tmp_path: Path) -> None:
@@ -833,3 +863,10 @@ def test_the_processor_tiling_is_carried_into_the_config(
     assert config["vision_config"]["image_size"] == 56  # the tile vLLM's InternVL processor cuts
     loaded = AutoConfig.from_pretrained(tmp_path / "orig", trust_remote_code=True)
     assert {k: getattr(loaded, k) for k in expected} == expected
+
+
+def test_check_data_reads_the_card_layout_as_the_hf_one(tiny_chain: dict[str, Path]) -> None:
+    from vlmtune.train.commands.check_data import load_tokenizer
+
+    _, size, per_tile = load_tokenizer(str(tiny_chain["orig1"]))
+    assert (size, per_tile) == load_tokenizer(str(tiny_chain["hf0"]))[1:]

@@ -52,6 +52,18 @@ def test_38b_preset_mirrors_the_official_launch():
     check_config(cfg)
 
 
+def test_eval_data_on_the_command_line_follows_data_and_is_off_without_a_meta_file():
+    from vlmtune.train.runtime.config import compose_config
+
+    cfg = compose_config(
+        "sft", ["data.image_size=56", "data.max_dynamic_patch=3", "eval_data.meta_path=e.json"]
+    )
+    assert cfg.eval_data.meta_path == "e.json"
+    assert (cfg.eval_data.image_size, cfg.eval_data.max_dynamic_patch) == (56, 3)
+    assert compose_config("sft", []).eval_data is None
+    assert compose_config("sft", ["experiment=demo", "eval_data=null"]).eval_data is None
+
+
 def test_typo_key_is_refused_with_its_name():
     with pytest.raises(Exception, match="max_stpes"):
         _compose(["train.max_stpes=3"])
@@ -68,6 +80,8 @@ def test_wrong_type_is_refused_with_its_name():
         (["train.loss_reduction=mean"], "loss_reduction"),
         (["data.max_length=9000", "packing.max_tokens=8192"], "max_length"),
         (["train.gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
+        (["train.export_format=gguf"], "export_format must be one of hf, original, both"),
+        (["train.export_format=original", "lora=both"], "merge-lora .* --format original"),
     ],
 )
 def test_bad_values_are_refused_at_start(overrides, message):

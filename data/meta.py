@@ -112,6 +112,12 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
     root = entry.get("root")
     if root is not None and not isinstance(root, str):
         raise MetaError(f"{meta}: dataset {name!r}: 'root' must be a string path or null, got {root!r}")
+    if root is not None and not _resolve(base, root).is_dir():
+        # a typo here would otherwise skip every image as missing_image, hours into the run
+        raise MetaError(
+            f"{meta}: dataset {name!r}: root directory not found: {_resolve(base, root)} "
+            "(image and video paths resolve against it; null for the meta file's directory)"
+        )
     annotation = _resolve(base, entry["annotation"])
     if not annotation.is_file():
         raise MetaError(f"{meta}: dataset {name!r}: annotation file not found: {annotation}")

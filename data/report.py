@@ -9,7 +9,7 @@ counts a user sees before training are the counts training will see.
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,8 @@ class SkipReport:
     def total(self) -> int:
         return sum(self.by_reason.values())
 
-    def skip(self, dataset: str, source: str, reason: str, detail: str = "") -> None:
-        """Record one skipped sample; ``source`` is ``"file:line"``."""
+    def skip(self, dataset: str, source: str, reason: str, detail: str = "") -> dict[str, Any]:
+        """Record one skipped sample (``source`` is ``"file:line"``); returns its log entry."""
         if reason not in ALL_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; add it to data.report.REASONS or PAIR_REASONS")
         file, line = split_source(source)
@@ -83,6 +83,7 @@ class SkipReport:
         if self._log is not None:
             self._log.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self._log.flush()
+        return entry
 
     def merge(self, other: SkipReport) -> SkipReport:
         """Add ``other``'s counts and log to this report (e.g. from another dataloader worker)."""
@@ -110,3 +111,49 @@ class SkipReport:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class NoProgressError(RuntimeError):
+    """A run whose samples are (nearly) all being skipped: it would 'train' on almost nothing, or forever."""
+
+
+class SkipCeiling:
+    """Stops a run that cannot make progress: more than ``max_fraction`` of the last ``window`` samples
+    skipped (a mistyped image root, every pair longer than a pack). One bad line among many never trips
+    it; the error names the top reasons and the files they came from."""
+
+    def __init__(self, window: int = 256, max_fraction: float = 0.5) -> None:
+        if window < 1 or not 0.0 < max_fraction <= 1.0:
+            raise ValueError(
+                f"skip ceiling: window={window} must be >= 1 and 0 < max_fraction={max_fraction} <= 1"
+            )
+        self.window, self.max_fraction = window, max_fraction
+        self.recent: deque[dict[str, Any] | None] = deque(maxlen=window)  # a skip's entry, None for a sample
+        self.skipped = 0
+        self.seen = 0
+
+    def observe(self, skip: dict[str, Any] | None) -> None:
+        """One sample left the data stage: ``skip`` is its skip entry (dataset, file, line, reason), or None."""
+        if len(self.recent) == self.window and self.recent[0] is not None:
+            self.skipped -= 1
+        self.recent.append(skip)
+        self.seen += 1
+        self.skipped += skip is not None
+        if len(self.recent) == self.window and self.skipped > self.max_fraction * self.window:
+            raise NoProgressError(self.message())
+
+    def message(self) -> str:
+        skips = [e for e in self.recent if e is not None]
+        reasons = Counter(e["reason"] for e in skips).most_common(3)
+        files = Counter(e["file"] for e in skips).most_common(3)
+        first = skips[0]
+        where = f"{first['file']}:{first['line']}" if first.get("line") is not None else first["file"]
+        return (
+            f"{self.skipped} of the last {self.window} samples were skipped (ceiling {self.max_fraction:.0%}, "
+            f"{self.seen} samples seen): "
+            + ", ".join(f"{r} x{n}" for r, n in reasons)
+            + " | files: "
+            + ", ".join(f"{f} x{n}" for f, n in files)
+            + f" | e.g. {where}: {first['reason']}: {first.get('detail') or ALL_REASONS[first['reason']]}"
+            + " (the full list is in output_dir/skipped_rank*.jsonl)"
+        )

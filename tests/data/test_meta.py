@@ -29,6 +29,9 @@ def jsonl(tmp_path: Path) -> Path:
 
 def test_relative_paths_resolve_against_meta_dir(tmp_path, jsonl):
     meta = write_meta(tmp_path, {"a": {"root": "imgs", "annotation": "ann/a.jsonl", "repeat_time": 0.5}})
+    with pytest.raises(MetaError, match=r"'a': root directory not found: .*imgs"):
+        load_meta(meta)  # a typo in root is refused at start, not skipped image by image
+    (tmp_path / "imgs").mkdir()
     [spec] = load_meta(meta)
     assert spec.annotation == jsonl
     assert spec.root == tmp_path / "imgs"

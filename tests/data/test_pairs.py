@@ -312,3 +312,32 @@ def test_check_data_scans_pair_files(images, tmp_path):
     d = result["datasets"]["check_pairs"]
     assert (d["lines"], d["ok"], d["skipped"]) == (3, 1, {"empty_response": 1, "identical_pair": 1})
     assert d["labelled_tokens"] > 0 and d["total_tiles"] > 1
+
+
+@pytest.mark.parametrize("layout", ["tree", "separate"])
+def test_a_pair_longer_than_a_pack_is_a_counted_skip_not_a_crash(tok, images, layout):
+    """Each side fits max_length, but the pair's packed length (prompt + both answers; the prompt twice in
+    the separate layout) does not fit the pack: skipped as too_long with the lengths, at its line."""
+    from vlmtune.train.commands.mpo import PairWithLength
+
+    records = [
+        {"question": "What is 2+2?", "chosen": "4", "rejected": "5"},
+        {"question": "Name it.", "chosen": " ".join(["red"] * 20), "rejected": " ".join(["blue"] * 20)},
+    ]
+    meta = write_dataset(images, f"pack_{layout}", records)
+    specs = load_meta(meta)
+    processor = PairProcessor(cfg_for(meta, max_length=512), tok, TOKENS)
+    unbounded = PairWithLength(processor, layout)
+    lengths = [unbounded(specs[0], k, random.Random(0), False)["length"] for k in range(2)]
+    assert lengths[0] < lengths[1]
+    long_pair = unbounded(specs[0], 1, random.Random(0), False)
+    p, c, r = (len(long_pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    assert max(p + c, p + r) <= lengths[1] - 1  # each side alone fits the pack: max_length cannot catch it
+    report = SkipReport()
+    bounded = PairWithLength(processor, layout, max_tokens=lengths[1] - 1)
+    kept = list(iter_samples(bounded, specs, [(0, 0), (0, 1)], 0, report, training=False))
+    assert [s["source"].rsplit(":", 1)[1] for s in kept] == ["1"]
+    [entry] = report.entries
+    assert (entry["line"], entry["reason"]) == (2, "too_long")
+    assert f"takes {lengths[1]} tokens in a pack ({layout} layout" in entry["detail"]
+    assert f"> packing.max_tokens {lengths[1] - 1}" in entry["detail"]

@@ -15,15 +15,31 @@ from vlmtune.train.commands.runner import command_main, run_training
 
 @dataclass
 class PairWithLength:
-    """The pair processor plus each pair's packed length for the chosen layout (picklable for workers)."""
+    """The pair processor plus each pair's packed length for the chosen layout (picklable for workers).
+
+    A pair longer than a pack (``max_tokens``; prompt + both answers, not the ``max_length`` of one
+    side) is skipped here as ``too_long``, counted like any bad sample, instead of failing the packer."""
 
     processor: Any
     layout: str
+    max_tokens: int | None = None
+
+    @property
+    def cfg(self) -> Any:  # the data settings, as on the processors themselves (data.dataset.iter_samples)
+        return self.processor.cfg
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        from vlmtune.data.report import SkipSample
+
         pair = self.processor(*args, **kwargs)
         p, c, r = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
         pair["length"] = p + c + r if self.layout == "tree" else 2 * p + c + r
+        if self.max_tokens is not None and pair["length"] > self.max_tokens:
+            raise SkipSample(
+                "too_long",
+                f"the pair takes {pair['length']} tokens in a pack ({self.layout} layout: prompt {p}, chosen {c}, "
+                f"rejected {r}) > packing.max_tokens {self.max_tokens}",
+            )
         return pair
 
 
@@ -46,7 +62,10 @@ class MPOMethod:
     def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Any:
         from vlmtune.data.pairs import PairProcessor
 
-        return PairWithLength(PairProcessor(cfg.data, tokenizer, tokens_per_tile), self._layout(cfg))
+        max_tokens = cfg.packing.max_tokens if cfg.packing.enabled else None
+        return PairWithLength(
+            PairProcessor(cfg.data, tokenizer, tokens_per_tile), self._layout(cfg), max_tokens
+        )
 
     def collate(self, cfg: Any, tokenizer: Any, model: Any):
         from vlmtune.data.collate import collate_pairs
@@ -80,6 +99,8 @@ class MPOMethod:
         untrained policy (ZeRO-3 sharded like training) and save them in the output dir."""
         if cfg.reference != "precomputed" or not objective.needs_reference:
             return
+        import dataclasses
+
         import torch
         import torch.distributed as dist
 
@@ -93,11 +114,10 @@ class MPOMethod:
                 "reference=precomputed needs data_augment off in the meta file: the cached reference would "
                 "have seen other pixels than the policy does"
             )
-        key = cache_key(
-            cfg.data.meta_path,
-            cfg.model.pretrained,
-            {**sample_settings(cfg.data), "layout": self._layout(cfg), **v2pe_key(engine)},
-        )
+        settings = {**sample_settings(cfg.data), "layout": self._layout(cfg), **v2pe_key(engine)}
+        if cfg.model.pretrained is None:  # random init: no weights file, the shapes and the seed make them
+            settings["random_init"] = {"model": dataclasses.asdict(cfg.model), "seed": cfg.train.seed}
+        key = cache_key(cfg.data.meta_path, cfg.model.pretrained, settings)
         path = out_dir / "reference_logps.pt"
         if path.exists():
             saved = torch.load(path, weights_only=False)

@@ -68,12 +68,13 @@ class MicroBatchStream:
         buffer_size: int,
         on_skip: Callable[[Skipped], None],
         num_workers: int = 0,
+        on_kept: Callable[[], None] = lambda: None,
     ) -> None:
         self.epoch_size, self.load = epoch_size, load
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.packing = micro_batch_size, packing
         self.max_tokens, self.max_tiles, self.buffer_size = max_tokens, max_tiles, buffer_size
-        self.on_skip, self.num_workers = on_skip, num_workers
+        self.on_skip, self.on_kept, self.num_workers = on_skip, on_kept, num_workers
         self.state = StreamState()
 
     def state_dict(self) -> dict:
@@ -110,6 +111,7 @@ class MicroBatchStream:
                 if isinstance(result, Skipped):
                     self.on_skip(result)
                     continue
+                self.on_kept()  # with on_skip, every sample's fate (e.g. for a skip ceiling)
                 yield key, result
             self.state.epoch += 1
             self.state.position = 0

@@ -119,6 +119,9 @@ def check_config(cfg: SFTRunConfig) -> None:
             f"data.max_length={cfg.data.max_length} > packing.max_tokens={cfg.packing.max_tokens}: "
             "a sample could never fit a pack"
         )
+    from vlmtune.data.report import SkipCeiling
+
+    SkipCeiling(cfg.train.skip_window, cfg.train.skip_ceiling)  # refuses a window < 1 or a fraction outside (0, 1]
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
@@ -261,7 +264,7 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
     """This rank's resumable micro-batch stream over the meta file (mixture weights resolved first)."""
     from vlmtune.data.meta import load_meta
     from vlmtune.data.mixture import resolve_mixture
-    from vlmtune.data.report import SkipReport
+    from vlmtune.data.report import SkipCeiling, SkipReport
     from vlmtune.data.stream import MicroBatchStream
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -272,6 +275,7 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
         log.info("data mixture (token shares): %s", json.dumps(mixture))
     loader = SampleLoader(processor, specs, cfg.data.seed)
     report = SkipReport(out_dir / f"skipped_rank{rank}.jsonl")
+    ceiling = SkipCeiling(cfg.train.skip_window, cfg.train.skip_ceiling)
     stream = MicroBatchStream(
         loader.epoch_size,
         loader,
@@ -282,7 +286,8 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
         max_tokens=cfg.packing.max_tokens,
         max_tiles=cfg.packing.max_tiles,
         buffer_size=cfg.packing.buffer_size,
-        on_skip=lambda s: report.skip(s.dataset, s.source, s.reason, s.detail),
+        on_skip=lambda s: ceiling.observe(report.skip(s.dataset, s.source, s.reason, s.detail)),
+        on_kept=lambda: ceiling.observe(None),
         num_workers=cfg.train.num_workers,
     )
     return TrainData(specs, processor, stream, report)

@@ -97,6 +97,10 @@ class TrainConfig:
     loss_reduction: str = "square"  # token | sample | square (data/token_weights.py)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     num_workers: int = 0  # DataLoader processes decoding and tiling images ahead of the loop
+    #: stop the run when more than this fraction of the last ``skip_window`` samples of a rank were
+    #: skipped (a mistyped path, every pair longer than a pack): it cannot make progress. 1.0: never.
+    skip_ceiling: float = 0.5
+    skip_window: int = 256
     log_every: int = 1
     eval_every: int = 0  # steps between evaluations (0 = only at the end when eval data is given)
     save_every: int = 0  # steps between checkpoints (0 = only at the end)

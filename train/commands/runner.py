@@ -121,7 +121,8 @@ def check_config(cfg: SFTRunConfig) -> None:
         )
     from vlmtune.data.report import SkipCeiling
 
-    SkipCeiling(cfg.train.skip_window, cfg.train.skip_ceiling)  # refuses a window < 1, a fraction not in (0, 1]
+    # refuses a window < 1 and a fraction not in (0, 1]
+    SkipCeiling(cfg.train.skip_window, cfg.train.skip_ceiling)
     for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps"):
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")

@@ -10,4 +10,4 @@ JOB=${1:?usage: deepspeed.sh sft|mpo [hydra overrides]}
 shift
 exec deepspeed --hostfile "${HOSTFILE:-hostfile}" \
     --master_addr "${MASTER_ADDR:-$(hostname)}" --master_port "${MASTER_PORT:-29500}" \
-    --module train."$JOB" "$@"
+    --module vlmtune.train.commands."$JOB" "$@"

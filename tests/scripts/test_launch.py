@@ -48,7 +48,7 @@ def test_two_node_torchrun_launch_equals_one_node_run(tmp_path):
         p.name for p in (two_nodes / "checkpoints" / "step_00000003").glob("*optim_states.pt")
     )
     assert len(config_ranks) == 2
-    assert (two_nodes / "checkpoints" / "step_00000003" / "vlmtune_rank00001.pt").exists()
+    assert (two_nodes / "checkpoints" / "step_00000003" / "vlmtune_rank00001.json").exists()
     # rank 0 alone logs metrics (one line per step, not one per node)
     steps = [json.loads(line)["step"] for line in (two_nodes / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]

@@ -1,6 +1,6 @@
 """Run by test_reference_cache under torchrun (2 ranks, gloo): ``reference=precomputed`` set up exactly as
 `vlmtune mpo` does before its first step (the runner's phases up to ``MPOMethod.on_engine``), which
-computes the reference log-probs over the ranks and saves them to OUT/reference_logps.pt.
+computes the reference log-probs over the ranks and saves them to OUT/reference_logps.json.
 
 Arguments: OUT, then Hydra overrides of the mpo config (model.pretrained, data.meta_path, deepspeed...).
 """

@@ -6,8 +6,10 @@ loss.preference=sigmoid,ipo,hinge` (one output dir per variant).
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmtune.train.commands.runner import command_main, run_training
@@ -41,6 +43,35 @@ class PairWithLength:
                 f"rejected {r}) > packing.max_tokens {self.max_tokens}",
             )
         return pair
+
+
+#: The precomputed reference log-probs, in the output dir: JSON (read back without running anything), keyed by
+#: a hash of the data, the weights and the settings they were computed with.
+REFERENCE_CACHE = "reference_logps.json"
+
+
+def read_reference_cache(path: Path, key: str) -> dict[str, list[float]] | str | None:
+    """The cached log-probs (``file:line`` -> [chosen, rejected]) if ``path`` holds them for ``key``; None
+    when there is no cache; a refusal message when it was computed for something else."""
+    if not path.exists():
+        legacy = path.with_suffix(".pt")
+        if legacy.exists():
+            return f"{legacy}: a pickled cache of an older vlmtune, not loaded; delete it to recompute"
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"{path}: not a readable cache ({e}); delete it to recompute"
+    if saved.get("key") != key:
+        return f"{path} was computed for other data, model or settings; delete it to recompute"
+    return saved["logps"]
+
+
+def write_reference_cache(path: Path, key: str, cache: dict[str, list[float]]) -> None:
+    """Atomically (a kill mid-write leaves no truncated cache behind); floats round-trip exactly."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "logps": cache}))
+    tmp.replace(path)
 
 
 class MPOMethod:
@@ -117,17 +148,18 @@ class MPOMethod:
         settings = {**sample_settings(cfg.data), "layout": self._layout(cfg), **v2pe_key(engine)}
         if cfg.model.pretrained is None:  # random init: no weights file, the shapes and the seed make them
             settings["random_init"] = {"model": dataclasses.asdict(cfg.model), "seed": cfg.train.seed}
-        key = cache_key(cfg.data.meta_path, cfg.model.pretrained, settings)
-        path = out_dir / "reference_logps.pt"
-        if path.exists():
-            saved = torch.load(path, weights_only=False)
-            if saved["key"] != key:
-                raise ValueError(
-                    f"{path} was computed for other data, model or settings; delete it to recompute"
-                )
-            cache = saved["logps"]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        path = out_dir / REFERENCE_CACHE
+        # rank 0 alone hashes the inputs and reads the cache, and tells the others what it found: ranks
+        # deciding from their own view of a shared filesystem could take different paths and hang
+        key = cache_key(cfg.data.meta_path, cfg.model.pretrained, settings) if rank == 0 else None
+        found = [read_reference_cache(path, key) if rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)
+        if isinstance(found[0], str):
+            raise ValueError(found[0])
+        if found[0] is not None:
+            cache = found[0]
         else:
-            rank, world = dist.get_rank(), dist.get_world_size()
             index = [(d, line) for d, spec in enumerate(specs) for line in range(spec.num_records)][
                 rank::world
             ]
@@ -139,7 +171,7 @@ class MPOMethod:
             dist.all_gather_object(parts, mine)
             cache = {k: v for part in parts for k, v in part.items()}
             if rank == 0:
-                torch.save({"key": key, "logps": cache}, path)
+                write_reference_cache(path, key, cache)
             dist.barrier()
         objective.reference = cached_reference(cache)
 

@@ -294,12 +294,11 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
     return TrainData(specs, processor, stream, report)
 
 
-def resume(cfg: Any, engine: Any, objective: Objective, data: TrainData, out_dir: Path) -> int:
-    """Restore the newest complete checkpoint (model, optimizer, data position, skips, objective state);
-    returns the step to continue from (0 for a fresh run)."""
-    from vlmtune.train.runtime.checkpoint import latest_complete, load_checkpoint
+def resume(engine: Any, objective: Objective, data: TrainData, out_dir: Path, tag: str | None) -> int:
+    """Restore checkpoint ``tag`` (model, optimizer, data position, skips, objective state); returns the
+    step to continue from (0 for a fresh run, ``tag`` None)."""
+    from vlmtune.train.runtime.checkpoint import load_checkpoint
 
-    tag = latest_complete(out_dir) if cfg.train.resume else None
     if tag is None:
         return 0
     shared, per_rank = load_checkpoint(engine, out_dir, tag)
@@ -371,11 +370,14 @@ def log_final(summary: dict[str, Any], out_dir: Path, skipped: int) -> None:
 def _train(
     cfg: Any, method: Method, rank: int, world: int, ds_config: dict, partitioned: bool
 ) -> dict[str, Any]:
+    from vlmtune.train.runtime.checkpoint import resume_tag, run_fingerprint
     from vlmtune.train.runtime.engine import create_engine
     from vlmtune.train.runtime.loop import train_loop
     from vlmtune.train.runtime.metrics import MetricsLogger
 
     out_dir = setup_output_dir(cfg, rank)
+    fingerprint = run_fingerprint(cfg, world)  # before resolve_pretrained: the settings as the user gave them
+    tag = resume_tag(out_dir, fingerprint) if cfg.train.resume else None  # refused here, before any model
     resolve_pretrained(cfg, out_dir, rank)
     tokenizer = load_tokenizer(cfg)
     check_chat_format(tokenizer, f"{cfg.model.tokenizer or cfg.model.pretrained}")
@@ -385,7 +387,7 @@ def _train(
     objective = method.objective(cfg, built.model, ds_config, rebuild=built.rebuild)
     engine, _, _ = create_engine(built.model, ds_config, cfg.optim, cfg.train.max_steps)
     method.on_engine(cfg, engine, objective, data.processor, data.specs, collate, out_dir)
-    start_step = resume(cfg, engine, objective, data, out_dir)
+    start_step = resume(engine, objective, data, out_dir, tag)
 
     logger = MetricsLogger(
         out_dir,
@@ -414,29 +416,52 @@ def _train(
     before = (
         evaluate(start_step) if evaluate is not None and cfg.train.eval_before and start_step == 0 else None
     )
-    step = train_loop(
-        engine,
-        objective,
-        iter(data.stream),
-        collate,
-        start_step=start_step,
-        max_steps=cfg.train.max_steps,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        out_dir=out_dir,
-        logger=logger,
-        log_every=cfg.train.log_every,
-        save_every=cfg.train.save_every,
-        eval_every=cfg.train.eval_every,
-        keep_last=cfg.train.keep_last,
-        evaluate=evaluate,
-        checkpoint_state=lambda: (
-            {"objective": objective.state_dict()},
-            {"stream": data.stream.state_dict(), "skipped": data.report.entries},
-        ),
-        skipped_count=lambda: data.report.total,
-        dataset_names=[s.name for s in data.specs],
-    )
+    from vlmtune.train.runtime.preemption import StopRequest
+
+    stop = StopRequest(cfg.train.stop_signals, cfg.train.stop_file)
+    if rank == 0 and stop.clear_stale():
+        log.info("removed the stop file %s left by the previous, stopped attempt", stop.stop_file)
+    try:
+        step = train_loop(
+            engine,
+            objective,
+            iter(data.stream),
+            collate,
+            start_step=start_step,
+            max_steps=cfg.train.max_steps,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            out_dir=out_dir,
+            logger=logger,
+            log_every=cfg.train.log_every,
+            save_every=cfg.train.save_every,
+            eval_every=cfg.train.eval_every,
+            keep_last=cfg.train.keep_last,
+            evaluate=evaluate,
+            checkpoint_state=lambda: (
+                {"objective": objective.state_dict(), "run": fingerprint},
+                {"stream": data.stream.state_dict(), "skipped": data.report.entries},
+            ),
+            skipped_count=lambda: data.report.total,
+            dataset_names=[s.name for s in data.specs],
+            stop=stop,
+            max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+        )
+    finally:
+        stop.restore()
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": data.report.to_dict()}
+    if step < cfg.train.max_steps:  # stopped on request: the checkpoint is saved, the rest is for the rerun
+        summary["stopped"] = stop.reason()
+        logger.close()
+        data.report.close()
+        if rank == 0:
+            stop.acknowledge(step)
+            log.info(
+                "stopped at step %d of %d (%s), checkpoint complete; run the same command again to resume",
+                step,
+                cfg.train.max_steps,
+                summary["stopped"],
+            )
+        return summary
     if cfg.train.export:
         summary["export"] = str(export(cfg, engine, tokenizer, out_dir, data.specs))
     if evaluate is not None:

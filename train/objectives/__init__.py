@@ -7,7 +7,9 @@ micro-batch's share of the step loss and metric shares that add up, over micro-b
 to the step's values. This is what makes the gradient independent of the split.
 
 Between steps an objective may carry running state (BCO's reward shift): ``on_step_end`` updates it
-after the optimizer step, ``state_dict``/``load_state_dict`` put it in checkpoints.
+after the optimizer step (``applied=False``: the step was skipped for a non-finite loss or gradient on
+every rank alike, and its values must not enter the state), ``state_dict``/``load_state_dict`` put it
+in checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Objective(Protocol):
         self, model: torch.nn.Module, batch: dict[str, Any], totals: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
-    def on_step_end(self) -> None: ...
+    def on_step_end(self, applied: bool = True) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

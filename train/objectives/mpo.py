@@ -146,9 +146,13 @@ class MPOObjective:
         )
         return loss, metrics
 
-    def on_step_end(self) -> None:
-        """Fold this step's rewards into delta (a collective: every rank calls it once per step)."""
+    def on_step_end(self, applied: bool = True) -> None:
+        """Fold this step's rewards into delta (a collective: every rank calls it once per step); a
+        skipped step's (non-finite) rewards are dropped, on every rank alike."""
         if not self.needs_reference:
+            return
+        if not applied:
+            self._step_rewards = []
             return
         rewards = torch.cat(self._step_rewards) if self._step_rewards else torch.zeros(0, dtype=torch.float64)
         self.shift.update(rewards, rewards[:0])

@@ -251,10 +251,11 @@ def bco_quality_loss(
 class RewardShift:
     """The delta of ``bco_quality_loss``: mean of every implicit reward seen so far, chosen and rejected alike.
 
-    Follows TRL's BCO order (``BCOTrainer.bco_loss`` and the pre-1.0 ``DPOTrainer`` bco_pair):
-    ``update`` with the current micro-batch's rewards first, then use ``value`` as delta, so the delta
-    of a step includes that step's own rewards (at the first step it is the first batch's mean, which
-    is 0 while policy == reference). ``update`` sums rewards and counts over data-parallel ranks
+    When to ``update`` is the caller's choice. TRL's BCO (``BCOTrainer.bco_loss``, the pre-1.0
+    ``DPOTrainer`` bco_pair) updates with the current micro-batch first, so a step's delta includes its
+    own rewards; `MPOObjective` updates once per optimizer step, after it (``on_step_end``), so a step's
+    delta is the mean of the earlier steps' rewards (0 at the first step) and the same in every
+    micro-batch of the step, however the pairs were split. ``update`` sums rewards and counts over data-parallel ranks
     (an all-reduce when torch.distributed is initialised, so every rank must call it equally often)
     and therefore all ranks hold the same delta. Pre-1.0 TRL averaged per-batch means; counting
     every reward instead is the same when micro-batches have equal sizes and right when they don't.

@@ -38,7 +38,7 @@ class SFTObjective:
         loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
         return loss, {"loss": loss.item()}
 
-    def on_step_end(self) -> None:
+    def on_step_end(self, applied: bool = True) -> None:
         """Nothing carries over between steps."""
 
     def state_dict(self) -> dict[str, Any]:

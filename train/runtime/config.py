@@ -101,6 +101,13 @@ class TrainConfig:
     #: skipped (a mistyped path, every pair longer than a pack): it cannot make progress. 1.0: never.
     skip_ceiling: float = 0.5
     skip_window: int = 256
+    #: a step with a non-finite loss or gradient norm is skipped on every rank (counted in the metrics);
+    #: this many in a row stop the run
+    max_nonfinite_steps: int = 3
+    #: these signals (and ``stop_file`` appearing) make every rank finish its step, save a complete
+    #: checkpoint and exit 0; rerun the same command to resume (scripts/launch/slurm.sbatch requeues)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    stop_file: str | None = None
     log_every: int = 1
     eval_every: int = 0  # steps between evaluations (0 = only at the end when eval data is given)
     save_every: int = 0  # steps between checkpoints (0 = only at the end)

@@ -27,6 +27,27 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _metric_lines_up_to(out: Path, step: int) -> list[bytes]:
+    """The raw metrics.jsonl lines of the training steps 1..step."""
+    lines = (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    return [line for line in lines if "loss" in (r := json.loads(line)) and r["step"] <= step]
+
+
+def _running_reward_means(metrics: list[dict]) -> list[float]:
+    """For each step, the mean of all rewards logged at the steps before it (0 before any). A line's
+    rewards/chosen and rewards/rejected are sums over the step's pairs (all ranks) divided by their
+    number, which the line gives as samples_per_s * step_time_s (a pair is one sample)."""
+    total = count = 0
+    means = []
+    for m in metrics:
+        means.append(total / count if count else 0.0)
+        pairs = round(m["samples_per_s"] * m["step_time_s"])
+        assert pairs > 0 and m["samples_per_s"] * m["step_time_s"] == pytest.approx(pairs, abs=1e-6)
+        total += (m["rewards/chosen"] + m["rewards/rejected"]) * pairs
+        count += 2 * pairs
+    return means
+
+
 MPO_KEYS = {
     "loss",
     "loss/preference",
@@ -48,6 +69,9 @@ def test_two_rank_zero3_mpo_run_logs_every_term(pair_data, variant):
     root, meta, ckpt = pair_data
     out = root / f"zero3_{variant}"
     extra = {"train.max_steps": 3, "train.save_every": 3, **ZERO3, **(LORA if variant == "lora" else {})}
+    # packs of a few pairs, as many as fit: the ranks' pair counts differ from step to step and rank
+    # to rank, so that a delta averaged per rank or per step differs from the mean over every reward
+    extra.update({"packing.max_tokens": 400, "data.max_length": 400})
     run_sft(
         base_overrides(ckpt, meta, out, **extra),
         nproc=2,
@@ -60,6 +84,8 @@ def test_two_rank_zero3_mpo_run_logs_every_term(pair_data, variant):
     assert metrics[0]["bco/delta"] == 0.0  # no past rewards before the first step
     assert metrics[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
     assert metrics[2]["bco/delta"] != 0.0
+    # delta is the mean of every reward (chosen and rejected, both ranks) of the steps before
+    assert [m["bco/delta"] for m in metrics] == pytest.approx(_running_reward_means(metrics), rel=1e-5)
     # the loss is the paper's weighted sum of its logged terms
     for m in metrics:
         assert m["loss"] == pytest.approx(
@@ -79,10 +105,21 @@ def test_reward_shift_and_weights_survive_resume(pair_data):
         base_overrides(ckpt, meta, resumed, **{"train.max_steps": 2, **constant_lr}),
         module="vlmtune.train.commands.mpo",
     )
-    run_sft(
+    [states] = (resumed / "checkpoints" / "step_00000002").glob("*model_states.pt")
+    shift = torch.load(states, weights_only=False)["vlmtune"]["objective"]["reward_shift"]
+    saved_delta = shift["total"] / shift["count"]
+    assert saved_delta != 0.0  # steps 1-2 rewards (step 2's are not zero)
+    logged_before = _metric_lines_up_to(resumed, 2)
+    assert len(logged_before) == 2
+    proc = run_sft(
         base_overrides(ckpt, meta, resumed, **{"train.max_steps": 4, **constant_lr}),
         module="vlmtune.train.commands.mpo",
     )
+    # the rerun really resumed (one from step 0 would end the same: training is deterministic), kept
+    # the lines of the steps it did not redo byte for byte, and its first step used the saved delta
+    assert "resumed from step_00000002 at step 2" in proc.stdout + proc.stderr
+    assert _metric_lines_up_to(resumed, 2) == logged_before
+    assert _metrics(resumed)[2]["bco/delta"] == pytest.approx(saved_delta, rel=1e-12)
     a, b = _metrics(ref), _metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -109,7 +146,7 @@ def test_precomputed_reference_run_equals_live_reference_run(pair_data):
         base_overrides(ckpt, plain, cached, **{"train.max_steps": 3, "reference": "precomputed"}),
         module="vlmtune.train.commands.mpo",
     )
-    assert (cached / "reference_logps.pt").exists()
+    assert (cached / "reference_logps.json").exists()
     for a, b in zip(_metrics(live), _metrics(cached)):
         for key in ("loss", "loss/preference", "loss/quality", "rewards/chosen", "bco/delta"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
@@ -121,3 +158,16 @@ def test_precomputed_reference_run_equals_live_reference_run(pair_data):
             ),
             module="vlmtune.train.commands.mpo",
         )
+
+
+@pytest.mark.parametrize("preference, reduction, zero_stage", [("sigmoid", "token", 2), ("ipo", "square", 3)])
+def test_mpo_loss_invariance_two_ranks(tmp_path, preference, reduction, zero_stage):
+    """The real loop on 2 ranks x 2 accumulation steps, pairs split unevenly (a text-only micro-batch on
+    rank 1), gives the one-process gradient of the MPO loss of all pairs at once, and logs its norm."""
+    from tests.train.helpers import check_one_step_against_reference
+
+    record = check_one_step_against_reference(
+        tmp_path, "dist_mpo_grad_check.py", preference, reduction, zero_stage
+    )
+    assert record["bco/delta"] == pytest.approx(0.15)  # the shift both sides were given
+    assert record["rewards/chosen"] != 0.0 and record["loss/preference"] > 0

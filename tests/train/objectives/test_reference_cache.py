@@ -48,7 +48,7 @@ def precompute(out: Path, overrides: list[str]) -> dict:
 
     with world_of_one():
         dist_reference_precompute.main(out, overrides)
-    return torch.load(out / "reference_logps.pt", weights_only=False)
+    return json.loads((out / "reference_logps.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def engine():
 def with_cache(tmp_path: Path, cache_file: Path) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copy(cache_file, out / "reference_logps.pt")
+    shutil.copy(cache_file, out / "reference_logps.json")
     return out
 
 
@@ -119,7 +119,7 @@ def test_unchanged_inputs_reuse_the_cache(setup, engine, tmp_path):
     the cache is used, and the reference it gives is the cached numbers."""
     root, ckpt, _, overrides, cache = setup
     copy = shutil.copytree(ckpt, tmp_path / "same_weights")
-    out = with_cache(tmp_path, root / "one_rank" / "reference_logps.pt")
+    out = with_cache(tmp_path, root / "one_rank" / "reference_logps.json")
     cfg = compose([*overrides, f"model.pretrained={copy}"], out)
     objective, processor, collate = load_cache(cfg, out, engine)
     from vlmtune.data.meta import load_meta
@@ -181,7 +181,7 @@ CHANGES = {
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_stale_cache_is_refused(setup, engine, tmp_path, change):
     root, _, _, overrides, _ = setup
-    out = with_cache(tmp_path, root / "one_rank" / "reference_logps.pt")
+    out = with_cache(tmp_path, root / "one_rank" / "reference_logps.json")
     cfg = compose([*overrides, *CHANGES[change](setup, tmp_path)], out)
     with pytest.raises(ValueError, match=STALE):
         load_cache(cfg, out, engine)
@@ -189,7 +189,7 @@ def test_stale_cache_is_refused(setup, engine, tmp_path, change):
 
 def test_stale_cache_is_refused_after_a_v2pe_change(setup, engine, tmp_path):
     root, _, _, overrides, _ = setup
-    out = with_cache(tmp_path, root / "one_rank" / "reference_logps.pt")
+    out = with_cache(tmp_path, root / "one_rank" / "reference_logps.json")
     engine.config.v2pe_delta = 0.5
     try:
         with pytest.raises(ValueError, match=STALE):
@@ -226,10 +226,34 @@ def test_two_ranks_precompute_the_one_rank_cache(setup, tmp_path):
     cmd = torchrun(script, tmp_path, *overrides, *zero3)
     proc = subprocess.run(cmd, cwd=REPO, env=sft_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    two = torch.load(tmp_path / "reference_logps.pt", weights_only=False)
+    two = json.loads((tmp_path / "reference_logps.json").read_text())
     assert two["key"] == one["key"]
     assert sorted(two["logps"]) == sorted(one["logps"])
     a = torch.tensor([one["logps"][k] for k in sorted(one["logps"])], dtype=torch.float64)
     b = torch.tensor([two["logps"][k] for k in sorted(one["logps"])], dtype=torch.float64)
     # float32 log-probs summed over up to ~100 tokens: agreement to a few ulps
     torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_the_cache_is_json_read_without_unpickling(tmp_path):
+    """Whoever can write the output dir cannot make a rank run code through the cache: it is JSON, and an
+    older vlmtune's pickle is refused unread (the file here would run code if unpickled)."""
+    from vlmtune.train.commands.mpo import read_reference_cache, write_reference_cache
+
+    path = tmp_path / "reference_logps.json"
+    assert read_reference_cache(path, "k") is None
+    logps = {"a.jsonl:1": [-1.25, -3.0000001192092896]}
+    write_reference_cache(path, "k", logps)
+    assert read_reference_cache(path, "k") == logps  # floats exactly
+    assert "computed for other data" in read_reference_cache(path, "other")
+    path.write_text("{not json")
+    assert "not a readable cache" in read_reference_cache(path, "k")
+    path.unlink()
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"key": "k", "logps": RunsCode()}, tmp_path / "reference_logps.pt")
+    assert "pickled cache of an older vlmtune, not loaded" in read_reference_cache(path, "k")
+    assert not (tmp_path / "pwned").exists()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.train.e2e import REPO, base_overrides, run_sft, sft_command, sft_env
 
-STEPS = 24
+STEPS = 12
 
 
 @pytest.fixture(scope="module")

@@ -157,21 +157,8 @@ def test_two_rank_zero3_with_a_text_only_rank_finishes_and_exports(small_data):
         torch.testing.assert_close(loaded[name], tensor.to(loaded[name].dtype), msg=name)
     initial = InternVLForConditionalGeneration.from_pretrained(ckpt).state_dict()
     assert any(not torch.equal(initial[n], loaded[n]) for n in reference)  # training changed the weights
-    _vllm_loads_and_answers(out / "hf", meta)
-
-
-def _vllm_loads_and_answers(export: Path, meta: Path) -> None:
-    """vLLM (its own venv and InternVL implementation) loads the export and answers, as transformers
-    does token for token on these few questions; skipped without the serving venv."""
-    from vlmtune.train.runtime.eval_engines import eval_items, transformers_answers, vllm_answers, vllm_python
-
-    if vllm_python() is None:
-        return
-    eval_meta = meta.with_name("meta_eval.json")
-    items = eval_items(str(eval_meta if eval_meta.exists() else meta), 0, 4)
-    answers = vllm_answers(str(export), items, max_new_tokens=4)
-    assert len(answers) == len(items) == 4
-    assert answers == transformers_answers(str(export), items, max_new_tokens=4)
+    # vLLM is not started here (~40 s): it reads exactly the published key set asserted above, and serves
+    # an export in that layout as vlmtune answers in tests/train/commands/test_serving_parity.py
 
 
 def test_two_rank_zero3_lora_exports_the_trained_adapters(small_data):

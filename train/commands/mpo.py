@@ -180,6 +180,8 @@ def run_mpo(cfg: Any) -> dict[str, Any]:
     from vlmtune.train.objectives.mpo import check_mpo_config
 
     check_mpo_config(cfg.loss)
+    if cfg.reference not in ("copy", "precomputed"):
+        raise ValueError(f"reference={cfg.reference!r} is unknown; valid: copy, precomputed")
     return run_training(cfg, MPOMethod())
 
 

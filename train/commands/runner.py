@@ -127,6 +127,47 @@ def check_config(cfg: SFTRunConfig) -> None:
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg.train, name)}")
     check_lora_config(cfg.lora, zero_stage=cfg.deepspeed.zero_stage)
+    check_precision(cfg)
+    if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
+        raise ValueError(
+            "deepspeed.offload_param needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters)"
+        )
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1 (ZeRO-Offload)")
+
+
+def weight_dtype(cfg: Any) -> str:
+    """The dtype the weights will be held in: model.dtype, or for ``auto`` the checkpoint's (its config.json,
+    read as data) or float32 for random init."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if cfg.model.pretrained is None or not (Path(cfg.model.pretrained) / "config.json").is_file():
+        return "float32"
+    config = json.loads((Path(cfg.model.pretrained) / "config.json").read_text())
+    text = config.get("text_config") or config.get("llm_config") or {}
+    return str(
+        config.get("dtype")
+        or config.get("torch_dtype")
+        or text.get("dtype")
+        or text.get("torch_dtype")
+        or "float32"
+    )
+
+
+def check_precision(cfg: Any) -> None:
+    """Half-precision weights trained in fp32 with no master copy: every update smaller than the weight's
+    bf16 resolution (2^-8 relative) rounds away, so a full fine-tune would barely move. DeepSpeed keeps fp32
+    master weights only with ``train.precision=bf16``; LoRA trains fp32 adapters over a frozen base."""
+    from vlmtune.train.runtime.engine import resolve_precision
+
+    precision = resolve_precision(cfg.train.precision)
+    dtype = weight_dtype(cfg)
+    if precision == "fp32" and dtype in ("bfloat16", "float16") and not cfg.lora.enabled:
+        raise ValueError(
+            f"model weights in {dtype} (model.dtype={cfg.model.dtype}) with train.precision={cfg.train.precision} "
+            f"({precision}, no fp32 master copy): updates below {dtype}'s resolution would round to zero. Set "
+            "model.dtype=float32 (fp32 training), or train.precision=bf16 (DeepSpeed keeps fp32 master weights)"
+        )
 
 
 def resolve_pretrained(cfg: Any, out_dir: Path, rank: int) -> None:

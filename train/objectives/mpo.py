@@ -51,6 +51,8 @@ def check_mpo_config(cfg: MPOLossConfig) -> None:
         if getattr(cfg, name) < 0:
             raise ValueError(f"loss.{name} must be >= 0, got {getattr(cfg, name)}")
     reduction_exponent(cfg.generation_reduction)
+    if cfg.layout not in ("auto", "tree", "separate"):
+        raise ValueError(f"loss.layout={cfg.layout!r} is unknown; valid: auto, tree, separate")
 
 
 def resolve_layout(layout: str, attn_implementation: str) -> str:

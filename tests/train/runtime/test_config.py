@@ -81,6 +81,9 @@ def test_wrong_type_is_refused_with_its_name():
         (["data.max_length=9000", "packing.max_tokens=8192"], "max_length"),
         (["train.gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
         (["train.export_format=gguf"], "export_format must be one of hf, original, both"),
+        (["model.dtype=bfloat16", "train.precision=fp32"], "round to zero.*train.precision=bf16"),
+        (["deepspeed.offload_param=true"], "offload_param needs deepspeed.zero_stage=3"),
+        (["deepspeed.offload_optimizer=true"], "offload_optimizer needs deepspeed.zero_stage >= 1"),
         (["train.export_format=original", "lora=both"], "merge-lora .* --format original"),
     ],
 )
@@ -134,3 +137,31 @@ def test_cosine_schedule_by_hand():
     assert cosine_with_warmup(9, 100, 10, 0.0) == pytest.approx(1.0)
     assert cosine_with_warmup(55, 100, 10, 0.0) == pytest.approx(0.5)
     assert cosine_with_warmup(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_half_precision_checkpoint_with_fp32_training_is_refused_unless_lora(tmp_path):
+    import json as _json
+
+    (tmp_path / "config.json").write_text(
+        _json.dumps({"architectures": ["InternVLForConditionalGeneration"], "dtype": "bfloat16"})
+    )
+    base = [
+        "data.meta_path=x.json",
+        f"model.pretrained={tmp_path}",
+        "model.dtype=auto",
+        "train.precision=fp32",
+    ]
+    with pytest.raises(ValueError, match=r"bfloat16 \(model.dtype=auto\)"):
+        check_config(OmegaConf.to_object(_compose(base)))
+    check_config(OmegaConf.to_object(_compose([*base, "lora=both"])))  # fp32 adapters over a frozen base
+    check_config(OmegaConf.to_object(_compose([*base, "model.dtype=float32"])))
+
+
+def test_unknown_mpo_layout_and_reference_are_refused_at_start():
+    from vlmtune.train.commands.mpo import run_mpo
+    from vlmtune.train.runtime.config import compose_config
+
+    with pytest.raises(ValueError, match="loss.layout='diagonal' is unknown"):
+        run_mpo(compose_config("mpo", ["loss.layout=diagonal"]))
+    with pytest.raises(ValueError, match="reference='cached' is unknown"):
+        run_mpo(compose_config("mpo", ["reference=cached"]))

@@ -312,7 +312,11 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
     rank, world = dist.get_rank(), dist.get_world_size()
     specs = load_meta(cfg.data.meta_path)
     processor = method.processor(cfg, tokenizer, tokens_per_tile)
-    specs, mixture = resolve_mixture(specs, processor, cfg.data.seed)  # weights -> samples per epoch
+    # weights -> samples per epoch, estimated by rank 0 alone and broadcast: every rank must shard the
+    # same epoch (a rank estimating from its own view of the files could plan another one and hang)
+    plan = [resolve_mixture(specs, processor, cfg.data.seed) if rank == 0 else None]
+    dist.broadcast_object_list(plan, src=0)
+    specs, mixture = plan[0]
     if rank == 0 and mixture:
         log.info("data mixture (token shares): %s", json.dumps(mixture))
     loader = SampleLoader(processor, specs, cfg.data.seed)

@@ -41,22 +41,19 @@ def write_original_checkpoint(size: str, out: Path) -> dict[str, Any]:
 
     from vlmtune.train.model.build import build_internvl_config
     from vlmtune.train.model.original_format import convert
-    from vlmtune.train.model.tiny import build_tiny_checkpoint, build_tokenizer
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
     from vlmtune.train.runtime.config import model_preset
 
     hf = out.with_name(out.name + "-hf")
     if size == "tiny":
         build_tiny_checkpoint(hf)
     else:
-        tokenizer = build_tokenizer()
-        cfg = model_preset(size)
-        cfg.text = {**cfg.text, "vocab_size": max(len(tokenizer), int(cfg.text["vocab_size"]))}
+        cfg = model_preset(size)  # its published image_token_id; no tokenizer: the tensors are what is timed
         with no_init_weights():
             model = InternVLForConditionalGeneration._from_config(
-                build_internvl_config(cfg, tokenizer), dtype=torch.bfloat16
+                build_internvl_config(cfg, None, require_image_token=False), dtype=torch.bfloat16
             )
         model.save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
         del model
     convert(hf, out, "original")
     shutil.rmtree(hf)

@@ -253,6 +253,9 @@ RESUME_CRITICAL = (
     "deepspeed.zero_stage",
 )
 RUN_FILE = "vlmtune_run.json"
+#: Differences that are warned about, not refused: a longer run (the schedule stretches from here) and
+#: paths that may have moved (a remounted dataset or model directory).
+WARN_ONLY = {"train.max_steps", "data.meta_path", "model.pretrained"}
 
 
 def run_fingerprint(cfg: Any, world_size: int) -> dict[str, Any]:
@@ -277,8 +280,8 @@ def resume_tag(out_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     """The checkpoint to resume from, decided by rank 0 and broadcast (ranks reading a shared filesystem
     each for themselves could see different checkpoints and hang), after checking that this run's
     resume-critical settings match the checkpoint's: a mismatch is refused here, before any model is
-    built, naming each setting. A different ``max_steps`` is allowed (extending a run) with a warning:
-    the learning-rate schedule is stretched from the resumed step on."""
+    built, naming each setting. ``WARN_ONLY`` differences are logged (a different ``max_steps`` stretches
+    the learning-rate schedule from the resumed step on)."""
     import logging
 
     decision: list[Any] = [None]
@@ -292,14 +295,14 @@ def resume_tag(out_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     status, value, notes = decision[0]
     if status == "error":
         raise RuntimeError(value)
-    refusals = [n for n in notes if not n.startswith("train.max_steps")]
+    refusals = [n for n in notes if n.split(" ", 1)[0] not in WARN_ONLY]
     if refusals:
         raise ValueError(
             f"{Path(out_dir) / 'checkpoints' / value}: cannot resume exactly with other settings than the run "
             "that wrote it: " + "; ".join(refusals) + " (restore them, or use another train.output_dir)"
         )
     if notes and dist.get_rank() == 0:
-        logging.getLogger("vlmtune").warning("resuming %s with %s", value, notes[0])
+        logging.getLogger("vlmtune").warning("resuming %s with other settings: %s", value, "; ".join(notes))
     return value
 
 

@@ -493,6 +493,10 @@ def _train(
         )
     finally:
         stop.restore()
+    from vlmtune.train.runtime.loop import all_reduce_sum
+
+    # every rank's skips (each rank's report holds its own shard's)
+    skipped_total = int(all_reduce_sum(torch.tensor([float(data.report.total)], dtype=torch.float64)).item())
     summary: dict[str, Any] = {"step": step, "output_dir": str(out_dir), "skipped": data.report.to_dict()}
     if step < cfg.train.max_steps:  # stopped on request: the checkpoint is saved, the rest is for the rerun
         summary["stopped"] = stop.reason()
@@ -524,7 +528,7 @@ def _train(
     logger.close()
     data.report.close()
     if rank == 0:
-        log_final(summary, out_dir, data.report.total)
+        log_final(summary, out_dir, skipped_total)
         if "export" in summary and "eval" in summary and cfg.train.serving_check > 0:
             summary["serving_check"] = check_serving(cfg, summary, records, tokenizer, built)
     drop_hf_copy(cfg, summary, rank)

@@ -68,13 +68,13 @@ def check_lora_config(lora: LoRAConfig, *, zero_stage: int) -> None:
             raise ValueError(f"lora.quantize: only '4bit' (QLoRA) is supported, got {lora.quantize!r}")
         if not lora.enabled:
             raise ValueError("lora.quantize=4bit needs adapters: enable lora.llm and/or lora.vision")
+        if zero_stage == 3:  # first: a config error, whatever machine it is checked on
+            raise ValueError("lora.quantize=4bit cannot be sharded with ZeRO-3; use deepspeed=zero2 or zero0")
         if not torch.cuda.is_available():
             raise ValueError(
                 "lora.quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes (pip install 'vlmtune[qlora]'); "
                 "on CPU train LoRA on unquantised weights (lora.quantize=null)"
             )
-        if zero_stage == 3:
-            raise ValueError("lora.quantize=4bit cannot be sharded with ZeRO-3; use deepspeed=zero2 or zero0")
 
 
 def target_regex(lora: LoRAConfig) -> str:

@@ -89,17 +89,17 @@ def test_sigterm_to_one_rank_saves_on_every_rank_exits_0_and_resumes_exactly(dat
         _wait_for_steps(out, proc, 2)
         workers = sorted(psutil.Process(proc.pid).children(), key=lambda p: p.pid)
         assert len(workers) == 2
-        t0 = time.monotonic()
         os.kill(workers[1].pid, signal.SIGTERM)  # one rank only
-        code = proc.wait(timeout=240)
-        seconds = time.monotonic() - t0
+        logged = len((out / "metrics.jsonl").read_text().splitlines())  # steps done when it landed (or fewer)
+        code = proc.wait(timeout=240)  # a hang guard, not a timing
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
     assert code == 0, text[-4000:]
     assert "stopped at step" in text and "SIGTERM" in text
-    assert seconds < 60
+    k = int((out / "checkpoints" / "complete").read_text().strip().removeprefix("step_"))
+    assert k <= logged + 2  # the step under way when the signal came, at most one more: not run to the end
     _resume_equals_uninterrupted(data, out, text, uninterrupted)
 
 

@@ -52,7 +52,6 @@ def test_every_image_missing_stops_both_ranks_with_the_reason(tmp_path, tiny):
     assert "of the last 32 samples were skipped" in log and "missing_image x" in log
     assert "train.jsonl" in log  # the file named
     assert not (out / "hf").exists() and not (out / "checkpoints" / "complete").exists()
-    assert seconds < 120
 
 
 def test_a_mistyped_root_is_refused_before_the_model_is_built(tmp_path, tiny):
@@ -88,4 +87,3 @@ def test_mpo_pairs_longer_than_a_pack_stop_the_run_instead_of_skipping_forever(t
     in_a_pack = [e for e in skipped if "in a pack" in e["detail"]]
     assert in_a_pack and all("> packing.max_tokens 44" in e["detail"] for e in in_a_pack)
     assert len(skipped) < 100  # stopped at the first window, not after thousands of skips
-    assert seconds < 120

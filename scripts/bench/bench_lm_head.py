@@ -1,0 +1,298 @@
+"""Benchmark the chunked LM head (train/model/lm_head.py) against the current full-logits path.
+
+InternVL3-1B's head at its real shape (hidden 896, vocabulary 151,674; random weights) on N fully
+supervised tokens: one forward + backward of the SFT-form loss (a weighted sum of -log p, "token"
+weights 1/N). Three sides:
+
+  full     the current path (objectives/losses.py): ``weighted_nll_sum(F.linear(hidden, W), ...)``,
+           i.e. cross-entropy on the [N, V] fp32 logits
+  chunked  ``-(chunked_token_logps(hidden, W, targets) * weights).sum()``: a chunk of rows at a time,
+           the backward recomputing each chunk's logits (exact for any per-token upstream: MPO's too)
+  fused    ``-weighted_logp_sum(hidden, W, targets, weights)``: the SFT form only, its gradients made
+           in the forward pass while each chunk's logits are at hand (no recomputation)
+
+Each measurement runs in a fresh process (``run_child``), the sides interleaved and their order
+alternating every round. Reported per size: median [min, max] of the step time (forward and backward
+apart too) and of the peak RSS growth above the process's RSS just before the step (the step's whole
+transient memory, the head's weight gradient included), the per-round ratios chunked / full, and the
+loss and gradient norms of the sides. A full side whose estimated peak (3 [N, V] fp32 buffers: the
+saved log-softmax, the gradient of the gathered log-probs, the gradient of the logits) exceeds
+``--memory-fraction`` of the machine's available memory is not run; its estimate is reported instead.
+The issue's target: at 8k tokens, peak growth <= 0.2x the full path's and step time <= 1.15x.
+
+    python scripts/bench/bench_lm_head.py                    # N = 4k, 8k, 16k; 5 rounds
+    python scripts/bench/bench_lm_head.py --smoke            # tiny sizes, 2 rounds, seconds
+    python scripts/bench/bench_lm_head.py --vocab 37919      # V/4: same ratios (all terms scale with V), 4x faster
+    python scripts/bench/bench_lm_head.py --sizes 8192 --dtype float32 --chunk-size 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts.bench.common import (  # noqa: E402
+    announce,
+    peak_rss_mib,
+    ratio,
+    rss_mib,
+    run_child,
+    run_rounds,
+    summary,
+    write_result,
+)
+
+SIDES = ("full", "chunked", "fused")
+HIDDEN, VOCAB = 896, 151_674  # InternVL3-1B (Qwen2.5-0.5B): hidden size and vocabulary
+FULL_BUFFERS = 3  # [N, V] fp32 buffers alive at once in the full path's backward (see the docstring)
+
+
+def full_peak_estimate_bytes(n: int, vocab: int, hidden: int, elem: int) -> int:
+    """What the full side needs above its start: its [N, V] fp32 buffers and the head's weight gradient."""
+    return FULL_BUFFERS * n * vocab * 4 + vocab * hidden * elem
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def child(args: argparse.Namespace) -> None:
+    """One side, one size, in a fresh process: a warm-up step on a few rows (lazy matmul initialisation,
+    below the measured step's peak), then the measured forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from vlmtune.train.model.lm_head import chunked_token_logps, weighted_logp_sum
+    from vlmtune.train.objectives.losses import weighted_nll_sum
+
+    try:  # if memory runs out, the kernel kills this child first, not a neighbour's job
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    n, vocab, hidden_size = args.n, args.vocab, args.hidden
+    g = torch.Generator().manual_seed(args.seed)
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(dtype).requires_grad_()
+    hidden = torch.randn(n, hidden_size, generator=g).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    weights = torch.full((n,), 1.0 / n, dtype=torch.float64)  # "token" reduction, fully supervised
+
+    def loss_of(rows: int) -> torch.Tensor:
+        h, t, w = hidden[:rows], targets[:rows], weights[:rows]
+        if args.side == "full":
+            return weighted_nll_sum(F.linear(h, weight), t, w)
+        if args.side == "fused":
+            return -weighted_logp_sum(h, weight, t, w, chunk_size=args.chunk_size)
+        return -(chunked_token_logps(h, weight, t, chunk_size=args.chunk_size) * w).sum()
+
+    loss_of(min(n, 2 * args.chunk_size, 256)).backward()
+    hidden.grad = weight.grad = None
+    gc.collect()
+    before = rss_mib()
+    t0 = time.perf_counter()
+    loss = loss_of(n)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    peak = peak_rss_mib()
+    result = {
+        "forward_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "step_s": t2 - t0,
+        "rss_before_mib": before,
+        "peak_growth_mib": peak - before,
+        "loss": loss.item(),
+        "grad_hidden_norm": hidden.grad.double().norm().item(),
+        "grad_weight_norm": weight.grad.double().norm().item(),
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.child_out).write_text(json.dumps(result))
+
+
+def side_argv(args: argparse.Namespace, side: str, n: int) -> list[str]:
+    return [
+        "--side", side, "--n", str(n), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+        "--dtype", args.dtype, "--chunk-size", str(args.chunk_size), "--threads", str(args.threads),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def size_report(args: argparse.Namespace, n: int, runs: dict[str, list[dict]], skipped: str | None) -> dict:
+    """Summaries of one size's rounds, the per-round ratios to the full side and each side's agreement with it."""
+    keys = ("step_s", "forward_s", "backward_s", "peak_growth_mib")
+    out: dict[str, Any] = {"n": n, "full_skipped": skipped}
+    out["full_estimate_mib"] = full_peak_estimate_bytes(n, args.vocab, args.hidden, args.elem) / 2**20
+    for side, rs in runs.items():
+        if rs:
+            out[side] = {k: {**summary([r[k] for r in rs]), "per_round": [r[k] for r in rs]} for k in keys}
+            out[side]["loss"] = rs[0]["loss"]
+            out[side]["loss_spread_over_rounds"] = max(r["loss"] for r in rs) - min(r["loss"] for r in rs)
+            out[side]["grad_hidden_norm"] = rs[0]["grad_hidden_norm"]
+            out[side]["grad_weight_norm"] = rs[0]["grad_weight_norm"]
+    if runs["full"]:
+        full = runs["full"]
+        for side in SIDES[1:]:
+            if runs[side]:
+                out[f"{side}_over_full"] = {
+                    k: ratio([r[k] for r in runs[side]], [r[k] for r in full])
+                    for k in ("step_s", "peak_growth_mib")
+                }
+                out[f"{side}_agreement"] = {
+                    k: max(rel_diff(c[k], f[k]) for c, f in zip(runs[side], full))
+                    for k in ("loss", "grad_hidden_norm", "grad_weight_norm")
+                }
+    return out
+
+
+def print_size(rep: dict, sides: list[str]) -> None:
+    n = rep["n"]
+    for side in sides:
+        if side not in rep:
+            print(
+                f"  N={n:<6} {side:<8} not run: {rep['full_skipped']} "
+                f"(estimated peak growth {rep['full_estimate_mib'] / 1024:.1f} GiB)"
+            )
+            continue
+        s, f, b, m = (rep[side][k] for k in ("step_s", "forward_s", "backward_s", "peak_growth_mib"))
+        print(
+            f"  N={n:<6} {side:<8} step {s['median']:7.2f} s [{s['min']:.2f}, {s['max']:.2f}] "
+            f"(fwd {f['median']:.2f}, bwd {b['median']:.2f})   peak growth {m['median'] / 1024:6.2f} GiB "
+            f"[{m['min'] / 1024:.2f}, {m['max'] / 1024:.2f}]   loss {rep[side]['loss']:.6f}"
+        )
+    for side in sides[1:]:
+        if f"{side}_over_full" not in rep:
+            continue
+        t, m = rep[f"{side}_over_full"]["step_s"], rep[f"{side}_over_full"]["peak_growth_mib"]
+        a = rep[f"{side}_agreement"]
+        print(
+            f"  N={n:<6} {side}/full: time {t['median']:.3f}x [{t['min']:.3f}, {t['max']:.3f}], "
+            f"peak growth {m['median']:.3f}x [{m['min']:.3f}, {m['max']:.3f}]; rel. diff loss {a['loss']:.1e}, "
+            f"|grad h| {a['grad_hidden_norm']:.1e}, |grad W| {a['grad_weight_norm']:.1e}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384], help="tokens N")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (lm_head's default)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="full is always run")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.8,
+        help="skip a full side whose estimated peak exceeds this fraction of MemAvailable",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="N = 512 on a 8192-token vocabulary, 2 rounds: seconds"
+    )
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/lm_head.json"))
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.chunk_size is None:
+        from vlmtune.train.model.lm_head import DEFAULT_CHUNK_SIZE
+
+        args.chunk_size = 96 if args.smoke else DEFAULT_CHUNK_SIZE
+    if args.side:
+        child(args)
+        return
+    if args.smoke:
+        args.sizes, args.vocab, args.repeats = [512], 8192, 2
+    args.sides = [s for s in SIDES if s == "full" or s in args.sides]
+    args.elem = 2 if args.dtype == "bfloat16" else 4
+
+    at_start = announce(
+        f"bench_lm_head: hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, chunk {args.chunk_size} rows, "
+        f"N = {', '.join(map(str, args.sizes))}, {args.repeats} rounds of {', '.join(args.sides)}"
+    )
+    available = mem_available_bytes()
+    print(
+        f"MemAvailable {available / 2**30:.1f} GiB; a full side estimated above "
+        f"{args.memory_fraction:.0%} of it is not run",
+        flush=True,
+    )
+    reports = []
+    started = time.perf_counter()
+    for n in args.sizes:
+        estimate = full_peak_estimate_bytes(n, args.vocab, args.hidden, args.elem)
+        skipped = None
+        if estimate > args.memory_fraction * available:
+            skipped = f"needs ~{estimate / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+        sides = [s for s in args.sides if not (s == "full" and skipped)]
+
+        def run_side(side: str, _round: int, n: int = n) -> dict[str, Any]:
+            return run_child(__file__, side_argv(args, side, n), args.threads, f"{side} N={n}")
+
+        runs = {side: [] for side in SIDES} | run_rounds(sides, args.repeats, run_side)
+        rep = size_report(args, n, runs, skipped)
+        reports.append(rep)
+        print_size(rep, args.sides)
+        print(f"  ({time.perf_counter() - started:.0f} s so far)", flush=True)
+
+    verdict: dict[str, Any] = {}
+    target = next((r for r in reports if r["n"] == 8192), None)
+    for side in args.sides[1:]:
+        if target is None or f"{side}_over_full" not in target:
+            continue
+        t = target[f"{side}_over_full"]["step_s"]["median"]
+        m = target[f"{side}_over_full"]["peak_growth_mib"]["median"]
+        verdict[side] = {"peak_ratio": m, "peak_ok": m <= 0.2, "time_ratio": t, "time_ok": t <= 1.15}
+        print(
+            f"target at 8k, {side}: peak growth {m:.3f}x (<= 0.2: {'yes' if m <= 0.2 else 'NO'}), "
+            f"step time {t:.3f}x (<= 1.15: {'yes' if t <= 1.15 else 'NO'})"
+        )
+    result = {
+        "benchmark": "LM head: full-logits cross-entropy vs chunked token_logps and weighted_logp_sum, "
+        "one forward + backward",
+        "config": {
+            "sizes": args.sizes,
+            "hidden": args.hidden,
+            "vocab": args.vocab,
+            "dtype": args.dtype,
+            "chunk_size": args.chunk_size,
+            "repeats": args.repeats,
+            "sides": args.sides,
+            "threads": args.threads,
+            "seed": args.seed,
+            "smoke": args.smoke,
+            "memory_fraction": args.memory_fraction,
+            "mem_available_mib_at_start": available / 2**20,
+        },
+        "sizes": reports,
+        "target_8k": verdict or None,
+        "wall_s": time.perf_counter() - started,
+    }
+    write_result(args.out, result, at_start)
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,9 @@ def build(cfg, out_dir, monkeypatch, rank: int = 0, world: int = 1):
     from vlmtune.train.commands.sft import SFTMethod
 
     monkeypatch.setattr(runner, "dist", SimpleNamespace(get_rank=lambda: rank, get_world_size=lambda: world))
+    monkeypatch.setattr(
+        runner, "on_rank0", lambda decide: decide()
+    )  # one process: each rank decides as rank 0
     out_dir.mkdir(parents=True, exist_ok=True)  # (runner.setup_output_dir's part)
     return runner.build_data(cfg, SFTMethod(), tiny_tokenizer(), TOKENS_PER_TILE, out_dir)
 

@@ -302,6 +302,14 @@ class TrainData:
     report: Any  # data.report.SkipReport
 
 
+def on_rank0(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run by global rank 0 alone, its result broadcast to every rank (a decision every rank
+    must share, taken from one view of the filesystem)."""
+    value = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, out_dir: Path) -> TrainData:
     """This rank's resumable micro-batch stream over the meta file (mixture weights resolved first)."""
     from vlmtune.data.meta import load_meta
@@ -314,9 +322,7 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
     processor = method.processor(cfg, tokenizer, tokens_per_tile)
     # weights -> samples per epoch, estimated by rank 0 alone and broadcast: every rank must shard the
     # same epoch (a rank estimating from its own view of the files could plan another one and hang)
-    plan = [resolve_mixture(specs, processor, cfg.data.seed) if rank == 0 else None]
-    dist.broadcast_object_list(plan, src=0)
-    specs, mixture = plan[0]
+    specs, mixture = on_rank0(lambda: resolve_mixture(specs, processor, cfg.data.seed))
     if rank == 0 and mixture:
         log.info("data mixture (token shares): %s", json.dumps(mixture))
     loader = SampleLoader(processor, specs, cfg.data.seed)

@@ -7,12 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.train.e2e import REPO, base_overrides, free_port, sft_env
+from tests.train.e2e import REPO, base_overrides, free_port, sft_env, wait_for_steps
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +61,7 @@ def test_slurm_warning_signal_saves_stops_and_requeues(data, tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 240
-        while not (
-            (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_steps(out, proc, 2)
         os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@120 does: to the batch shell only
         code = proc.wait(timeout=240)
     finally:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,3 +91,15 @@ def base_overrides(ckpt: Path, meta: Path, out: Path, **extra: object) -> list[s
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
+    """Until a running job's metrics.jsonl has ``n`` lines (it must still be running), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "the run ended before it was signalled"
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps logged within {timeout} s")

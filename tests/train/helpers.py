@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from tests.train.e2e import free_port
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.train.model.build import ModelConfig, build_model, num_image_tokens_per_tile
 
@@ -125,3 +129,18 @@ def check_one_step_against_reference(out: Path, script: str, *args: object, time
     assert record["grad_norm"] == pytest.approx(result["ref_grad_norm"], rel=1e-5)
     assert record["text_only_micro_batches"] == 1  # rank 1's first micro-batch: no image tile
     return record
+
+
+@contextmanager
+def world_of_one():
+    """This process as a plain one-rank `vlmtune sft`/`vlmtune mpo` run (gloo), its environment restored afterwards.
+    The process group outlives it (engine.shutdown_distributed keeps it to exit, as a multirun does)."""
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
+    if not dist.is_initialized():
+        os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -69,9 +69,9 @@ def read_reference_cache(path: Path, key: str) -> dict[str, list[float]] | str |
 
 def write_reference_cache(path: Path, key: str, cache: dict[str, list[float]]) -> None:
     """Atomically (a kill mid-write leaves no truncated cache behind); floats round-trip exactly."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "logps": cache}))
-    tmp.replace(path)
+    from vlmtune.train.runtime.checkpoint import atomic_write
+
+    atomic_write(path, json.dumps({"key": key, "logps": cache}))
 
 
 class MPOMethod:
@@ -139,6 +139,7 @@ class MPOMethod:
         from vlmtune.data.report import SkipReport
         from vlmtune.train.model.v2pe import v2pe_key
         from vlmtune.train.objectives.reference import cache_key, cached_reference, precompute_reference
+        from vlmtune.train.runtime.engine import on_rank0
 
         if any(spec.data_augment for spec in specs):
             raise ValueError(
@@ -153,12 +154,11 @@ class MPOMethod:
         # rank 0 alone hashes the inputs and reads the cache, and tells the others what it found: ranks
         # deciding from their own view of a shared filesystem could take different paths and hang
         key = cache_key(cfg.data.meta_path, cfg.model.pretrained, settings) if rank == 0 else None
-        found = [read_reference_cache(path, key) if rank == 0 else None]
-        dist.broadcast_object_list(found, src=0)
-        if isinstance(found[0], str):
-            raise ValueError(found[0])
-        if found[0] is not None:
-            cache = found[0]
+        found = on_rank0(lambda: read_reference_cache(path, key))
+        if isinstance(found, str):
+            raise ValueError(found)
+        if found is not None:
+            cache = found
         else:
             index = [(d, line) for d, spec in enumerate(specs) for line in range(spec.num_records)][
                 rank::world

@@ -25,6 +25,7 @@ from vlmtune.configs import CONFIG_DIR
 from vlmtune.data.conversation import check_chat_format
 from vlmtune.train.objectives import Objective
 from vlmtune.train.runtime.config import SFTRunConfig, register_schemas, to_run_config
+from vlmtune.train.runtime.engine import on_rank0
 
 log = logging.getLogger("vlmtune")
 
@@ -300,14 +301,6 @@ class TrainData:
     processor: Any
     stream: Any  # data.stream.MicroBatchStream
     report: Any  # data.report.SkipReport
-
-
-def on_rank0(decide: Callable[[], Any]) -> Any:
-    """``decide()`` run by global rank 0 alone, its result broadcast to every rank (a decision every rank
-    must share, taken from one view of the filesystem)."""
-    value = [decide() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(value, src=0)
-    return value[0]
 
 
 def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, out_dir: Path) -> TrainData:

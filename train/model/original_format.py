@@ -1241,13 +1241,17 @@ def _write_original_config(model_dir: Path, config: dict[str, Any]) -> None:
     (model_dir / CONFIG_CLASS_FILE).write_text(CONFIG_CLASS_SOURCE)
 
 
-def _write_hf_config(model_dir: Path, hf_config: dict[str, Any]) -> None:
-    """config.json as transformers writes it (the dict validated by `InternVLConfig` on the way)."""
+def _internvl_config_object(hf_config: dict[str, Any]) -> Any:
+    """transformers' `InternVLConfig` built (and validated) from an -hf config dict; ``architectures`` and
+    ``model_type`` are class facts, not arguments."""
     from transformers import InternVLConfig
 
-    config = InternVLConfig(
-        **{k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
-    )
+    return InternVLConfig(**{k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")})
+
+
+def _write_hf_config(model_dir: Path, hf_config: dict[str, Any]) -> None:
+    """config.json as transformers writes it (the dict validated by `InternVLConfig` on the way)."""
+    config = _internvl_config_object(hf_config)
     config.architectures = [HF_ARCHITECTURE]
     config.save_pretrained(model_dir)
 
@@ -1255,8 +1259,6 @@ def _write_hf_config(model_dir: Path, hf_config: dict[str, Any]) -> None:
 def internvl_config(model_dir: str | Path) -> Any:
     """The transformers `InternVLConfig` of a checkpoint in either layout (the original one mapped from
     its config.json as data), with `tie_word_embeddings` taken from the LLM's config."""
-    from transformers import InternVLConfig
-
     model_dir = Path(model_dir)
     if not is_original_format(model_dir):
         from vlmtune.train.model.build import load_internvl_config
@@ -1269,9 +1271,7 @@ def internvl_config(model_dir: str | Path) -> Any:
         )
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from None
-    config = InternVLConfig(
-        **{k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
-    )
+    config = _internvl_config_object(hf_config)
     config.tie_word_embeddings = bool(config.text_config.tie_word_embeddings)
     return config
 

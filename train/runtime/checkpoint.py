@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vlmtune.train.runtime.engine import on_rank0
+
 POINTER = "complete"
 
 
@@ -68,7 +70,7 @@ def _rank_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / f"vlmtune_rank{rank:05d}.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -99,19 +101,21 @@ def estimated_checkpoint_bytes(engine: Any) -> int:
 def check_free_space(ckpt_root: Path, needed: int, margin: float = 1.1) -> None:
     """Rank 0 looks (the output dir is one shared filesystem), every rank hears the verdict: a full disk
     stops all ranks before anything is written, the complete checkpoint left alone."""
-    message = [None]
-    if dist.get_rank() == 0:
+
+    def verdict() -> str | None:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(ckpt_root).free
-        if free < needed * margin:
-            message[0] = (
-                f"{ckpt_root}: {free / 2**30:.2f} GiB free, the next checkpoint needs about "
-                f"{needed * margin / 2**30:.2f} GiB (the last one's size + 10%); free space or lower "
-                "train.keep_last, then rerun to resume from the last complete checkpoint"
-            )
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise DiskFullError(message[0])
+        if free >= needed * margin:
+            return None
+        return (
+            f"{ckpt_root}: {free / 2**30:.2f} GiB free, the next checkpoint needs about "
+            f"{needed * margin / 2**30:.2f} GiB (the last one's size + 10%); free space or lower "
+            "train.keep_last, then rerun to resume from the last complete checkpoint"
+        )
+
+    message = on_rank0(verdict)
+    if message is not None:
+        raise DiskFullError(message)
 
 
 def save_checkpoint(
@@ -142,7 +146,7 @@ def save_checkpoint(
     dist.barrier()
     rank = dist.get_rank()
     if rank == 0:
-        _atomic_write(ckpt_root / POINTER, tag)
+        atomic_write(ckpt_root / POINTER, tag)
         _prune(ckpt_root, keep_last, keep=tag)
     dist.barrier()
     return ckpt_root / tag
@@ -167,7 +171,7 @@ def _write_checkpoint(
     rank = dist.get_rank()
     (ckpt_root / tag).mkdir(parents=True, exist_ok=True)
     # JSON, not a pickle: reading it back at resume must not be able to run code (a shared output dir)
-    _atomic_write(_rank_file(ckpt_root / tag, rank), json.dumps({**per_rank, "rng": rng_state()}))
+    atomic_write(_rank_file(ckpt_root / tag, rank), json.dumps({**per_rank, "rng": rng_state()}))
     if _adapters_only(engine):  # each checkpoint is also a standard peft adapter directory
         from vlmtune.train.model.lora import peft_model_of, trainable_state_dict
 
@@ -273,7 +277,7 @@ def run_fingerprint(cfg: Any, world_size: int) -> dict[str, Any]:
 
 
 def write_run_fingerprint(ckpt_dir: Path, fingerprint: dict[str, Any]) -> None:
-    _atomic_write(ckpt_dir / RUN_FILE, json.dumps(fingerprint, indent=2, sort_keys=True))
+    atomic_write(ckpt_dir / RUN_FILE, json.dumps(fingerprint, indent=2, sort_keys=True))
 
 
 def resume_tag(out_dir: Path, fingerprint: dict[str, Any]) -> str | None:
@@ -284,15 +288,14 @@ def resume_tag(out_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     the learning-rate schedule from the resumed step on)."""
     import logging
 
-    decision: list[Any] = [None]
-    if dist.get_rank() == 0:
+    def decide() -> tuple[str, str | None, list[str]]:
         try:
             tag = latest_complete(out_dir)
-            decision[0] = ("ok", tag, _compare(out_dir, tag, fingerprint) if tag else [])
         except RuntimeError as e:
-            decision[0] = ("error", str(e), [])
-    dist.broadcast_object_list(decision, src=0)
-    status, value, notes = decision[0]
+            return "error", str(e), []
+        return "ok", tag, _compare(out_dir, tag, fingerprint) if tag else []
+
+    status, value, notes = on_rank0(decide)
     if status == "error":
         raise RuntimeError(value)
     refusals = [n for n in notes if n.split(" ", 1)[0] not in WARN_ONLY]

@@ -6,7 +6,7 @@ import atexit
 import datetime
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,6 +56,14 @@ def shutdown_distributed() -> None:
 
 
 _EXIT_HOOK = False
+
+
+def on_rank0(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run by global rank 0 alone, its result broadcast to every rank: a decision every rank
+    must share, taken from one view of the filesystem (ranks looking for themselves could disagree and hang)."""
+    value = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def _destroy_process_group() -> None:

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.e2e import REPO, base_overrides, run_sft, sft_command, sft_env
+from tests.train.e2e import REPO, base_overrides, run_sft, sft_command, sft_env, wait_for_steps
 
 STEPS = 12
 
@@ -38,17 +37,6 @@ def _start(overrides: list[str], nproc: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         sft_command(overrides, nproc), cwd=REPO, env=sft_env(), stdout=log.open("w"), stderr=subprocess.STDOUT
     )
-
-
-def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, "the run ended before it was signalled"
-        time.sleep(0.05)
-    raise AssertionError(f"no {n} steps logged within {timeout} s")
 
 
 def _resume_equals_uninterrupted(data, stopped: Path, log: str, reference: Path) -> None:
@@ -86,7 +74,7 @@ def test_sigterm_to_one_rank_saves_on_every_rank_exits_0_and_resumes_exactly(dat
     log = tmp_path / "log.txt"
     proc = _start(base_overrides(ckpt, meta, out, **{"train.max_steps": STEPS}), 2, log)
     try:
-        _wait_for_steps(out, proc, 2)
+        wait_for_steps(out, proc, 2)
         workers = sorted(psutil.Process(proc.pid).children(), key=lambda p: p.pid)
         assert len(workers) == 2
         os.kill(workers[1].pid, signal.SIGTERM)  # one rank only
@@ -113,7 +101,7 @@ def test_the_stop_file_stops_the_run_and_says_so_for_the_launcher(data, uninterr
     overrides = base_overrides(ckpt, meta, out, **{"train.max_steps": STEPS, "train.stop_file": stop_file})
     proc = _start(overrides, 2, log)
     try:
-        _wait_for_steps(out, proc, 2)
+        wait_for_steps(out, proc, 2)
         stop_file.touch()
         code = proc.wait(timeout=240)
     finally:

@@ -14,32 +14,16 @@ import json
 import os
 import shutil
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.train.e2e import REPO, free_port, sft_env, torchrun
+from tests.train.e2e import REPO, sft_env, torchrun
+from tests.train.helpers import world_of_one
 
 STALE = "was computed for other data, model or settings; delete it to recompute"
 NUM_PAIRS = 17  # 2 ranks x 8 pairs per batch: rank 0 has 2 batches, rank 1 one (it repeats it under ZeRO-3)
-
-
-@contextmanager
-def world_of_one():
-    """This process as a plain one-rank `vlmtune mpo` run (gloo), its environment restored afterwards.
-    The process group outlives it (engine.shutdown_distributed keeps it to exit, as a multirun does)."""
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
-    if not dist.is_initialized():
-        os.environ["MASTER_PORT"] = str(free_port())
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def precompute(out: Path, overrides: list[str]) -> dict:

@@ -56,7 +56,7 @@ def test_too_little_space_is_refused_before_writing_and_a_failed_save_is_removed
 
 
 def test_resume_with_other_critical_settings_is_refused_naming_them(one_rank, tmp_path):  # noqa: F811
-    from vlmtune.train.runtime.checkpoint import POINTER, _atomic_write, resume_tag, run_fingerprint
+    from vlmtune.train.runtime.checkpoint import POINTER, atomic_write, resume_tag, run_fingerprint
     from vlmtune.train.runtime.config import compose_config
 
     cfg = compose_config("sft", ["data.meta_path=m.json", "train.micro_batch_size=1", "train.max_steps=10"])
@@ -64,7 +64,7 @@ def test_resume_with_other_critical_settings_is_refused_naming_them(one_rank, tm
     ckpt = tmp_path / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)
     (ckpt / "vlmtune_run.json").write_text(json.dumps(saved))
-    _atomic_write(tmp_path / "checkpoints" / POINTER, "step_00000004")
+    atomic_write(tmp_path / "checkpoints" / POINTER, "step_00000004")
 
     assert resume_tag(tmp_path, saved) == "step_00000004"
     longer = compose_config("sft", ["data.meta_path=m.json", "train.max_steps=20"])

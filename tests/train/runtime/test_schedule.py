@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.train.e2e import free_port
-from tests.train.helpers import make_sample, tiny_model
+from tests.train.helpers import make_sample, tiny_model, world_of_one
 
 LR, FLOOR = 4e-3, 1e-3
 HALF = math.sqrt(0.5)  # cos(pi / 4)
@@ -36,21 +32,6 @@ EXPECTED = [  # the rate of optimizer steps 1..10
     FLOOR,  # progress 1
     FLOOR,  # past the schedule's end: stays at the floor
 ]
-
-
-@contextmanager
-def world_of_one():
-    """This process as a plain one-rank `vlmtune sft` run (gloo), its environment restored afterwards.
-    The process group outlives it (engine.shutdown_distributed keeps it to exit, as a multirun does)."""
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
-    if not dist.is_initialized():
-        os.environ["MASTER_PORT"] = str(free_port())
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

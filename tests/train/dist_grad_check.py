@@ -1,8 +1,8 @@
 """Run by test_loss_invariance_two_ranks under torchrun (2 ranks, gloo): one optimizer step of the real
 loop over a DeepSpeed engine, samples split unevenly across 2 ranks x 2 accumulation steps (rank 1's
-first micro-batch has no image at all), versus the gradient of the same samples as one packed row in
-one process. SGD(lr=1) makes the weight change equal to minus the gradient, so comparing weights
-compares gradients. The loop's metrics.jsonl (rank 0) is written to the output dir, for the test to
+first micro-batch has no image at all, the LM head chunked), versus the gradient of the same samples as
+one packed row in one process through the full logits. SGD(lr=1) makes the weight change equal to minus
+the gradient, so comparing weights compares gradients. The loop's metrics.jsonl (rank 0) is written to the output dir, for the test to
 compare its ``grad_norm`` with the reference gradient's norm (no clipping)."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.train.helpers import make_sample, tiny_model  # noqa: E402
 from vlmtune.data.collate import collate_packed  # noqa: E402
+from vlmtune.train.model.lm_head import HEAD_CHUNK_ATTR  # noqa: E402
 from vlmtune.train.objectives.sft import SFTObjective  # noqa: E402
 from vlmtune.train.runtime.config import WandbConfig  # noqa: E402
 from vlmtune.train.runtime.engine import init_distributed, shutdown_distributed  # noqa: E402
@@ -46,8 +47,13 @@ def one_step_versus_reference(
     rank, world = dist.get_rank(), dist.get_world_size()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     reference = collate(items)
+    chunk = getattr(model, HEAD_CHUNK_ATTR)
+    setattr(
+        model, HEAD_CHUNK_ATTR, 0
+    )  # the reference through the full logits, the run through the chunked head
     loss, _ = reference_objective(model, reference, reference_objective.weight_totals(reference))
     loss.backward()
+    setattr(model, HEAD_CHUNK_ATTR, chunk)
     ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
@@ -100,7 +106,8 @@ def one_step_versus_reference(
 
 def main(out: Path, reduction: str, zero_stage: int) -> None:
     init_distributed()
-    model = tiny_model(seed=0).eval()  # eval: no dropout, so both sides compute the same function
+    # eval: no dropout, so both sides compute the same function; the run's LM head 8 rows at a time
+    model = tiny_model(seed=0, head_chunk_size=8).eval()
     shapes = [
         (1, 2, 5, 4),
         (0, 0, 9, 6),

@@ -249,10 +249,16 @@ def stack_activation_bytes(
     return layers * full + full // 2
 
 
-def logits_bytes(positions: int, vocab: int, act_bytes: int) -> int:
-    """The LM head on the supervised positions only (train/model/forward.py: ``logits_to_keep``): the logits,
-    their fp32 copy and the fp32 log-softmax kept for the backward pass."""
-    return positions * vocab * (act_bytes + 4 + 4)
+def logits_bytes(positions: int, vocab: int, act_bytes: int, chunk_size: int = 0, hidden: int = 0) -> int:
+    """The LM head on the supervised positions only (train/model/forward.py: ``logits_to_keep``).
+
+    Full logits (``chunk_size`` 0, or no more positions than a chunk): the logits, their fp32 copy and the
+    fp32 log-softmax kept for the backward pass. Chunked (train/model/lm_head.py): one chunk's logits,
+    fp32 copy and gradient at a time, the head weight's fp32 gradient summed over the chunks, and per
+    position its log-sum-exp and fp32 hidden-state gradient."""
+    if chunk_size <= 0 or positions <= chunk_size:
+        return positions * vocab * (act_bytes + 4 + 4)
+    return chunk_size * vocab * (act_bytes + 4 + 4) + vocab * hidden * 4 + positions * (4 + 4 * hidden)
 
 
 def tiles_per_image(max_dynamic_patch: int, use_thumbnail: bool) -> int:
@@ -333,6 +339,7 @@ def activation_bytes(
     vision_trains: bool,
     projector_trains: bool,
     reference_forward: bool = False,
+    head_chunk_size: int = 0,
 ) -> dict[str, int]:
     """Per-GPU activation estimate for one micro-batch (an estimate: see the module docstring).
 
@@ -366,7 +373,7 @@ def activation_bytes(
         "llm": llm,
         "vision": vision,
         "projector": projector,
-        "logits": logits_bytes(sup, shapes.vocab, act_bytes),
+        "logits": logits_bytes(sup, shapes.vocab, act_bytes, head_chunk_size, shapes.llm.hidden),
     }
     holding = 1 if checkpointing else shapes.llm_layers
     out["tree_mask"] = b * work.tokens**2 * (1 + act_bytes * holding) if work.tree_mask else 0
@@ -374,7 +381,8 @@ def activation_bytes(
     if reference_forward:
         one_layer = tokens * layer_activation_bytes_per_token(shapes.llm, act_bytes)
         ref_mask = b * work.tokens**2 * act_bytes if work.tree_mask else 0
-        out["reference_forward"] = one_layer + ref_mask + sup * shapes.vocab * (act_bytes + 4)
+        ref_rows = min(sup, head_chunk_size) if head_chunk_size > 0 else sup  # no gradient: one chunk alive
+        out["reference_forward"] = one_layer + ref_mask + ref_rows * shapes.vocab * (act_bytes + 4)
     out["total"] = sum(out.values())
     return out
 
@@ -635,6 +643,7 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
             vision_trains=counts["trainable_by_part"]["vision"] > 0,
             projector_trains=counts["trainable_by_part"]["projector"] > 0,
             reference_forward=ref_forward,
+            head_chunk_size=cfg.model.head_chunk_size,
         )
 
     def gpu_total(lay: Layout) -> float:
@@ -659,6 +668,12 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
         model_states["estimator"]["function"] is not None and pc.trainable == pc.total and precision == "bf16"
     )
     per_gpu = gpu_total(layout)
+    sup = work.supervised * layout.micro_batch_size
+    head = {
+        "chunk_size": cfg.model.head_chunk_size,
+        "bytes": logits_bytes(sup, shapes.vocab, act_bytes, cfg.model.head_chunk_size, shapes.llm.hidden),
+        "full_logits_bytes": logits_bytes(sup, shapes.vocab, act_bytes),
+    }
     return {
         "method": method,
         "model": cfg.model.name,
@@ -677,6 +692,7 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
         "mpo": mpo,
         "model_states": model_states,
         "activations": activations(layout),
+        "lm_head": head,
         "per_gpu_bytes": per_gpu,
         "gpu_budget_bytes": budget,
         "fits": per_gpu <= budget
@@ -740,6 +756,12 @@ def format_plan(plan: dict) -> str:
     for key in ("llm", "vision", "projector", "logits", "tree_mask", "reference_forward"):
         if act[key]:
             lines.append(f"    {key:<36}{_gib(act[key])}")
+    head = plan["lm_head"]
+    if head["bytes"] < head["full_logits_bytes"]:
+        lines.append(
+            f"    (LM head {head['chunk_size']} rows at a time, model.head_chunk_size; full logits would take "
+            f"{_gib(head['full_logits_bytes']).strip()} GiB)"
+        )
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines.append(
         f"  {'total':<38}{_gib(plan['per_gpu_bytes'])}   {verdict} in {_gib(plan['gpu_budget_bytes']).strip()} GiB "

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
+from vlmtune.train.model.lm_head import HEAD_CHUNK_ATTR
+
 VISION_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
@@ -78,6 +80,11 @@ class ModelConfig:
     liger_kernels: bool = False
     """Liger's fused Triton kernels (RMSNorm, LayerNorm, SwiGLU, RoPE) in the vision tower and the Qwen2 LLM;
     CUDA only (`pip install 'vlmtune[liger]'`). The loss keeps vlmtune's own token weighting."""
+
+    head_chunk_size: int = 1024
+    """Rows of LM-head logits computed at a time (train/model/lm_head.py): with a 151k vocabulary a long
+    supervised pack's full logits outgrow the model's own memory. Inputs with fewer rows take the full
+    logits anyway (one chunk's memory); 0 always takes the full logits."""
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -229,6 +236,9 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
         model = InternVLForConditionalGeneration._from_config(
             config, dtype=resolve_dtype(cfg.dtype, loading=False), attn_implementation=attn
         )
+    if cfg.head_chunk_size < 0:
+        raise ValueError(f"model.head_chunk_size must be >= 0 (0: full logits), got {cfg.head_chunk_size}")
+    setattr(model, HEAD_CHUNK_ATTR, cfg.head_chunk_size)  # read by the objectives (objectives/logps.py)
     if cfg.liger_kernels:
         apply_liger_kernels(model)
     if cfg.gradient_checkpointing:

@@ -12,13 +12,19 @@ order autograd visits the modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmtune.train.model.build import tile_size
+from vlmtune.train.model.lm_head import DEFAULT_CHUNK_SIZE, HEAD_CHUNK_ATTR
 from vlmtune.train.model.unwrap import model_device_dtype, unwrap
+
+#: ``head(hidden [B, K, H], weight [V, H], bias [V] | None)``: what the LM head computes in its place.
+Head = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def batch_to_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -82,8 +88,10 @@ def forward_logits(
     batch: dict[str, Any],
     keep: torch.Tensor,
     image_outputs: tuple[Any, bool] | None = None,
+    head: Head | None = None,
 ) -> torch.Tensor:
-    """Logits at sequence positions ``keep`` for every row: [B, len(keep), V].
+    """Logits at sequence positions ``keep`` for every row: [B, len(keep), V]; with ``head``, what
+    ``head(hidden [B, len(keep), H], weight, bias)`` returns instead of the LM head's logits.
 
     The model's V2PE δ applies here (`v2pe_inputs`), so every objective, the reference and evaluation
     see the same positions.
@@ -107,20 +115,52 @@ def forward_logits(
         kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
-    if real:
-        if batch.get("feature_index") is not None:  # the same images feed several sequences
-            encoded = BaseModelOutputWithPooling(pooler_output=encoded.pooler_output[batch["feature_index"]])
-        kwargs["mm_encoder_outputs"] = {"image": encoded}
-        return model(**kwargs).logits
-    # The zero is added by a hook on the embedding layer, inside the model's forward as on other
-    # ranks: calling the layer ourselves would gather its ZeRO-3 partition out of turn.
-    zero = encoded.pooler_output.sum() * 0.0
-    hook = (
-        unwrap(model)
-        .get_input_embeddings()
-        .register_forward_hook(lambda module, args, out: out + zero.to(out.dtype))
-    )
+    with head_replaced(model, head):
+        if real:
+            if batch.get("feature_index") is not None:  # the same images feed several sequences
+                encoded = BaseModelOutputWithPooling(
+                    pooler_output=encoded.pooler_output[batch["feature_index"]]
+                )
+            kwargs["mm_encoder_outputs"] = {"image": encoded}
+            return model(**kwargs).logits
+        # The zero is added by a hook on the embedding layer, inside the model's forward as on other
+        # ranks: calling the layer ourselves would gather its ZeRO-3 partition out of turn.
+        zero = encoded.pooler_output.sum() * 0.0
+        hook = (
+            unwrap(model)
+            .get_input_embeddings()
+            .register_forward_hook(lambda module, args, out: out + zero.to(out.dtype))
+        )
+        try:
+            return model(**kwargs).logits
+        finally:
+            hook.remove()
+
+
+@contextmanager
+def head_replaced(model: torch.nn.Module, head: Head | None) -> Iterator[None]:
+    """The LM head module computes ``head(hidden, weight, bias)`` instead of its logits, for one call.
+
+    Why inside the module and not on the model's hidden states: the call stays the head module's own
+    forward, so DeepSpeed's ZeRO-3 hooks gather its partitioned weight for the forward and again for
+    the backward, as for any ``nn.Linear``, and release it after.
+    """
+    if head is None:
+        yield
+        return
+    lm_head = unwrap(model).get_output_embeddings()
+    if type(lm_head) is not torch.nn.Linear:  # a wrapped head (adapters on it) has its own forward
+        raise ValueError(
+            f"the chunked LM head needs a plain nn.Linear head, found {type(lm_head).__name__}: "
+            "set model.head_chunk_size=0"
+        )
+    lm_head.forward = lambda hidden: head(hidden, lm_head.weight, lm_head.bias)
     try:
-        return model(**kwargs).logits
+        yield
     finally:
-        hook.remove()
+        del lm_head.forward
+
+
+def head_chunk_size(model: torch.nn.Module) -> int:
+    """Rows of LM-head logits computed at a time (``model.head_chunk_size``; 0: the full logits)."""
+    return getattr(unwrap(model), HEAD_CHUNK_ATTR, DEFAULT_CHUNK_SIZE)

@@ -25,6 +25,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 # Rows per chunk. One chunk's fp32 logits take chunk_size x V x 4 B: 621 MB at InternVL3's vocabulary,
 # large enough for the head's matmul to run at full speed, small beside a long pack's full logits.
 DEFAULT_CHUNK_SIZE = 1024
+#: Where build_model records ``model.head_chunk_size`` on the model instance (not in its config.json).
+HEAD_CHUNK_ATTR = "vlmtune_head_chunk_size"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from vlmtune.data.token_weights import loss_normaliser
-from vlmtune.train.model.forward import batch_to_device, encode_images, forward_logits
+from vlmtune.train.model.forward import batch_to_device, encode_images
+from vlmtune.train.objectives.logps import forward_token_logps
 from vlmtune.train.objectives.preference import RewardShift, bco_quality_loss, preference_loss
 
 LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
@@ -70,9 +71,8 @@ def response_logps(
     """Summed log-probs per pair and branch [B, 2], per response token log-probs [N], and the image encoding."""
     encoded = image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
     keep, index = torch.unique(batch["resp_pos"], return_inverse=True)
-    logits = forward_logits(model, batch, keep, image_outputs=encoded)[0]
-    logp = torch.log_softmax(logits.float(), -1)
-    token = logp[index, batch["resp_target"]] * batch["resp_supervised"]
+    token = forward_token_logps(model, batch, keep, index, batch["resp_target"], encoded)
+    token = token * batch["resp_supervised"]
     seq = torch.zeros(batch["num_pairs"], 2, dtype=token.dtype, device=token.device)
     seq = seq.index_put((batch["resp_pair"], batch["resp_branch"]), token, accumulate=True)
     return seq, token, encoded

@@ -12,12 +12,12 @@ import torch
 
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.token_weights import loss_normaliser
-from vlmtune.train.model.forward import batch_to_device, forward_logits
-from vlmtune.train.objectives.losses import weighted_nll_sum
+from vlmtune.train.model.forward import batch_to_device
+from vlmtune.train.objectives.logps import forward_weighted_nll
 
 
 class SFTObjective:
-    """Next-token loss on the labelled tokens; logits are computed only where a target exists."""
+    """Next-token loss on the labelled tokens; the LM head runs only where a target exists (chunked when long)."""
 
     def __init__(self, reduction: str) -> None:
         self.reduction = reduction
@@ -31,10 +31,7 @@ class SFTObjective:
         batch = batch_to_device(batch, model)
         targets, weights = batch["targets"], batch["weights"]
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # sequence positions with a target
-        logits = forward_logits(model, batch, keep)  # [B, K, V]
-        loss_sum = weighted_nll_sum(
-            logits.flatten(0, 1), targets[:, keep].flatten(), weights[:, keep].flatten()
-        )
+        loss_sum = forward_weighted_nll(model, batch, keep, targets[:, keep], weights[:, keep])
         loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
         return loss, {"loss": loss.item()}
 

@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from vlmtune.data.collate import collate_packed
 from vlmtune.data.conversation import IGNORE_INDEX
-from vlmtune.train.model.forward import batch_to_device, forward_logits
-from vlmtune.train.objectives.losses import weighted_nll_sum
+from vlmtune.train.model.forward import batch_to_device
+from vlmtune.train.objectives.logps import forward_weighted_nll
 
 
 def perplexity(nll_sum: float, num_tokens: float) -> float:
@@ -31,8 +31,7 @@ def packed_nll(model: Any, samples: list[dict]) -> tuple[float, int]:
     batch = batch_to_device(collate_packed(samples, "token"), model)
     targets, weights = batch["targets"], batch["weights"]
     keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
-    logits = forward_logits(model, batch, keep)
-    nll = weighted_nll_sum(logits.flatten(0, 1), targets[:, keep].flatten(), weights[:, keep].flatten())
+    nll = forward_weighted_nll(model, batch, keep, targets[:, keep], weights[:, keep])
     return float(nll), int((targets != IGNORE_INDEX).sum())
 
 

@@ -19,6 +19,7 @@ from vlmtune.train.commands.plan import (
     ParamCounts,
     candidate_layouts,
     layer_activation_bytes_per_token,
+    logits_bytes,
     main,
     model_state_bytes,
     pair_tokens,
@@ -178,6 +179,38 @@ def test_activation_formula_by_hand() -> None:
     layer = s * by_hand
     assert stack_activation_bytes(s, 64, shape, 2, checkpointing=True) == 64 * s * 2 * h + layer * 3 // 2
     assert stack_activation_bytes(s, 64, shape, 2, checkpointing=False) == 64 * layer + layer // 2
+
+
+def test_lm_head_memory_full_and_chunked_by_hand() -> None:
+    """A 16k-token fully supervised pack at InternVL3's vocabulary, bf16, hidden 5120 (38B): full logits keep
+    the logits (2 B), their fp32 copy and the fp32 log-softmax per position; the chunked head one 1024-row
+    chunk of those, the head weight's fp32 gradient and a log-sum-exp + fp32 hidden gradient per position."""
+    v, h, n = 151_674, 5120, 16384
+    full = n * v * (2 + 4 + 4)
+    assert logits_bytes(n, v, 2) == full == logits_bytes(n, v, 2, 0, h) == logits_bytes(n, v, 2, n, h)
+    chunked = 1024 * v * 10 + v * h * 4 + n * (4 + 4 * h)
+    assert logits_bytes(n, v, 2, 1024, h) == chunked
+    assert chunked < 0.21 * full  # 5.0 GB instead of 24.9 GB
+
+
+@pytest.mark.parametrize("chunk", [0, 1024])
+def test_cli_models_the_chunked_head(tmp_path, chunk) -> None:
+    out = tmp_path / "plan.json"
+    argv = [
+        "model=internvl3_38b",
+        "deepspeed=zero3",
+        "packing.max_tokens=16384",
+        f"model.head_chunk_size={chunk}",
+    ]
+    assert main([*argv, "--supervised-fraction", "1.0", "--images-per-pack", "0", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    sup = plan["workload"]["supervised"]
+    assert plan["lm_head"]["full_logits_bytes"] == logits_bytes(sup, 151_674, 2)
+    assert (
+        plan["activations"]["logits"]
+        == plan["lm_head"]["bytes"]
+        == logits_bytes(sup, 151_674, 2, chunk, 5120)
+    )
 
 
 def test_tiles_and_pair_tokens() -> None:

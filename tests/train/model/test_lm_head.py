@@ -1,6 +1,6 @@
 """The chunked LM head (train/model/lm_head.py): the full-logits path's log-probs and every gradient, for any
-upstream gradient, chunking, dtype, and through the tiny real model against SFTObjective; the same for the
-SFT fast path ``weighted_logp_sum`` (gradients computed in the forward pass)."""
+upstream gradient, chunking and dtype; the same for the SFT fast path ``weighted_logp_sum`` (gradients
+computed in the forward pass). Through the objectives and the tiny model: tests/train/objectives/test_chunked_head.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.train.helpers import make_sample, tiny_model
-from vlmtune.data.collate import collate_packed, collate_padded
 from vlmtune.data.conversation import IGNORE_INDEX
-from vlmtune.train.model.forward import batch_to_device, forward_logits
 from vlmtune.train.model.lm_head import (
     _ChunkedTokenLogps,
     chunked_token_logps,
@@ -21,7 +18,6 @@ from vlmtune.train.model.lm_head import (
     token_logps,
     weighted_logp_sum,
 )
-from vlmtune.train.objectives.sft import SFTObjective
 
 LogpsFn = Callable[..., torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -357,56 +353,3 @@ def test_weighted_logp_sum_rejects_bad_weights():
         weighted_logp_sum(h, w, targets, torch.ones(5, requires_grad=True))
     with pytest.raises(ValueError, match="must match targets"):
         weighted_logp_sum(h, w, targets, torch.ones(4))
-
-
-def _trained_grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("path", ["token_logps", "weighted_logp_sum"])
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_tiny_model_sft_loss_and_gradients_match_sft_objective(layout, path):
-    """The real model: its final hidden states at the supervised positions (``forward_logits`` with the head
-    swapped for an identity: the same inputs, V2PE, image features) through ``token_logps`` with the head's
-    weight give SFTObjective's loss and the same gradient on every trained parameter (vision tower,
-    projector, LLM, head), through ``token_logps``'s chunked Function and through ``weighted_logp_sum``.
-    The padded layout also puts ignored targets at kept positions."""
-    model = tiny_model()
-    samples = [make_sample(model, 1, 2, 6, 9, 0), make_sample(model, 0, 0, 8, 12, 1)]
-    reduction = "square"
-    batch = (
-        collate_packed(samples, reduction) if layout == "packed" else collate_padded(samples, reduction, 0)
-    )
-    objective = SFTObjective(reduction)
-    totals = objective.weight_totals(batch)
-    ref_loss, _ = objective(model, batch, totals)
-    ref_loss.backward()
-    ref_grads = {n: g.clone() for n, g in _trained_grads(model).items() if g is not None}
-    model.zero_grad(set_to_none=True)
-
-    b = batch_to_device(batch, model)
-    targets, weights = b["targets"], b["weights"]
-    keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
-    head = model.lm_head
-    model.lm_head = torch.nn.Identity()
-    try:
-        hidden = forward_logits(model, b, keep)  # [B, K, H]: what the head would have been given
-    finally:
-        model.lm_head = head
-    kept_targets = targets[:, keep].flatten()
-    assert len(kept_targets) > 14  # several chunks of 7, the last one short
-    kept_weights = weights[:, keep].flatten()
-    if path == "token_logps":
-        logps = chunked_token_logps(hidden.flatten(0, 1), head.weight, kept_targets, chunk_size=7)
-        loss = -(logps * kept_weights).sum() / totals[0]
-    else:
-        loss = -weighted_logp_sum(hidden.flatten(0, 1), head.weight, kept_targets, kept_weights, chunk_size=7)
-        loss = loss / totals[0]
-    loss.backward()
-
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
-    grads = _trained_grads(model)
-    assert {n for n, g in grads.items() if g is not None} == set(ref_grads)
-    assert any("vision_tower" in n for n in ref_grads) and "lm_head.weight" in ref_grads
-    for name, ref in ref_grads.items():
-        assert_rel_close(grads[name], ref, 1e-5, name)

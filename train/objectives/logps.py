@@ -1,0 +1,67 @@
+"""The log-probs every objective takes, through the LM head: per token (MPO, the reference) or as
+SFT's weighted sum.
+
+Long inputs go through the chunked head (train/model/lm_head.py): at InternVL3's 151,674-token
+vocabulary a 16k-token fully supervised pack's fp32 logits alone are 9.9 GB. ``model.head_chunk_size``
+sets the rows per chunk; 0 keeps the full logits (the reference path, as before the chunked head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlmtune.train.model.forward import forward_logits, head_chunk_size
+from vlmtune.train.model.lm_head import token_logps, weighted_logp_sum
+from vlmtune.train.objectives.losses import weighted_nll_sum
+
+
+def forward_token_logps(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    keep: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    image_outputs: tuple[Any, bool] | None = None,
+) -> torch.Tensor:
+    """log p(targets[n] | the hidden state at kept position ``rows[n]`` of the flattened [B x len(keep)])
+    as [N] fp32, with an exact backward for any per-token gradient (MPO's preference terms, the reference).
+
+    Several targets may share a position (a shared prompt's last token predicts both answers' first).
+    Long inputs go through the chunked head (train/model/lm_head.py); ``head_chunk_size`` 0 keeps the
+    full [B, len(keep), V] logits, the reference path.
+    """
+    chunk = head_chunk_size(model)
+    if chunk == 0:
+        logits = forward_logits(model, batch, keep, image_outputs)
+        return torch.log_softmax(logits.flatten(0, 1).float(), -1)[rows, targets]
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return token_logps(hidden.flatten(0, 1)[rows], weight, targets, bias=bias, chunk_size=chunk)
+
+    return forward_logits(model, batch, keep, image_outputs, head=head)
+
+
+def forward_weighted_nll(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    keep: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """sum of weights * -log p(targets) at positions ``keep`` ([B, len(keep)] each; IGNORE_INDEX gives 0):
+    SFT's and pre-training's loss sum. Beyond ``head_chunk_size`` rows the chunked head computes it a
+    chunk of logits at a time, with its gradients made in the forward pass (no fourth matmul)."""
+    chunk = head_chunk_size(model)
+    if chunk == 0 or targets.numel() <= chunk:
+        logits = forward_logits(model, batch, keep)
+        return weighted_nll_sum(logits.flatten(0, 1), targets.flatten(), weights.flatten())
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat_weights = weights.flatten().to(torch.promote_types(weight.dtype, torch.float32)).detach()
+        return -weighted_logp_sum(
+            hidden.flatten(0, 1), weight, targets.flatten(), flat_weights, bias=bias, chunk_size=chunk
+        )
+
+    return forward_logits(model, batch, keep, head=head)

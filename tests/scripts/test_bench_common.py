@@ -40,5 +40,5 @@ def test_a_child_reports_its_own_peak_not_its_parents():
     own, inherited = (float(x) for x in proc.stdout.split())
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 400
     assert inherited > 400  # why ru_maxrss is not used: the child starts with its parent's peak
-    assert own < 100  # an interpreter and one small module
+    assert own < inherited / 4  # an interpreter and one small module, far below the parent's 400 MiB ballast
     del ballast

@@ -7,6 +7,8 @@ loss.preference=sigmoid,ipo,hinge` (one output dir per variant).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,10 +178,36 @@ class MPOMethod:
         objective.reference = cached_reference(cache)
 
 
+def pack_length_warning(max_length: int | None, max_tokens: int, packing: bool) -> str | None:
+    """What to say at start when pairs within ``data.max_length`` can still outgrow a pack.
+
+    ``max_length`` bounds one side (prompt + the longer answer); a pair in a pack takes the prompt and both
+    answers (tree layout; the separate layout the prompt twice), up to 2 x max_length tokens. Such pairs are
+    skipped and counted as ``too_long`` (``PairWithLength``), so the run goes on; the skip ceiling stops it
+    if most of them are."""
+    if not packing:
+        return None
+    if max_length is None:
+        return (
+            f"data.max_length is unset: pairs longer than packing.max_tokens={max_tokens} (prompt + both "
+            "answers) are skipped as too_long; set data.max_length <= packing.max_tokens / 2 to bound them"
+        )
+    if 2 * max_length > max_tokens:
+        return (
+            f"a pair takes up to 2 x data.max_length = {2 * max_length} tokens in a pack (prompt + both answers), "
+            f"more than packing.max_tokens={max_tokens}: those pairs are skipped as too_long; set "
+            f"packing.max_tokens >= {2 * max_length} (or data.max_length <= {max_tokens // 2}) to keep them all"
+        )
+    return None
+
+
 def run_mpo(cfg: Any) -> dict[str, Any]:
     from vlmtune.train.objectives.mpo import check_mpo_config
 
     check_mpo_config(cfg.loss)
+    warning = pack_length_warning(cfg.data.max_length, cfg.packing.max_tokens, cfg.packing.enabled)
+    if warning and int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("vlmtune").warning(warning)
     if cfg.reference not in ("copy", "precomputed"):
         raise ValueError(f"reference={cfg.reference!r} is unknown; valid: copy, precomputed")
     return run_training(cfg, MPOMethod())

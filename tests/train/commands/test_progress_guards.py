@@ -87,3 +87,15 @@ def test_mpo_pairs_longer_than_a_pack_stop_the_run_instead_of_skipping_forever(t
     in_a_pack = [e for e in skipped if "in a pack" in e["detail"]]
     assert in_a_pack and all("> packing.max_tokens 44" in e["detail"] for e in in_a_pack)
     assert len(skipped) < 100  # stopped at the first window, not after thousands of skips
+
+
+def test_mpo_pack_lengths_are_reasoned_about_at_start():
+    """A pair packs its prompt and both answers: data.max_length (one side) == packing.max_tokens lets pairs of
+    up to twice that through, which the start-up check says (they are skipped as too_long, the test above)."""
+    from vlmtune.train.commands.mpo import pack_length_warning
+
+    assert "2 x data.max_length = 90 tokens" in pack_length_warning(45, 45, True)
+    assert "packing.max_tokens >= 90" in pack_length_warning(45, 45, True)
+    assert pack_length_warning(45, 90, True) is None
+    assert pack_length_warning(45, 45, False) is None  # unpacked: each pair is its own batch row
+    assert "data.max_length is unset" in pack_length_warning(None, 4096, True)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from vlmtune.data.dataset import SampleProcessor
-from vlmtune.data.meta import DatasetSpec, JsonlFile, jsonl_file
+from vlmtune.data.meta import DatasetSpec, RecordSource, record_source
 from vlmtune.data.pairs import PairProcessor, is_pair_record
 from vlmtune.data.report import SkipReport, SkipSample
 
@@ -82,8 +82,9 @@ class DatasetStats:
         }
 
 
-def holds_pairs(jf: JsonlFile, probe: int = 10) -> bool:
-    """Whether an annotation file holds preference pairs: its first parseable record decides."""
+def holds_pairs(jf: RecordSource, probe: int = 10) -> bool:
+    """Whether an annotation (jsonl or Hugging Face dataset) holds preference pairs: its first parseable
+    record decides."""
     for k in range(min(probe, jf.num_records)):
         try:
             return is_pair_record(jf.read(k))
@@ -100,7 +101,7 @@ def scan(
     pairs = PairProcessor(processor.cfg, processor.tokenizer, processor.tokens_per_tile)
     for spec in specs:
         st = stats[spec.name] = DatasetStats(spec)
-        jf = jsonl_file(spec.annotation)
+        jf = record_source(spec)
         process = pairs if holds_pairs(jf) else processor
         n = jf.num_records if limit is None else min(limit, jf.num_records)
         for k in tqdm(range(n), desc=spec.name, unit="line", file=sys.stderr, leave=False):

@@ -31,8 +31,15 @@ from vlmtune.data.conversation import (
     validate_record,
     validate_text_record,
 )
-from vlmtune.data.media import MediaError, jpeg_compress, load_image, load_video_frames
-from vlmtune.data.meta import DatasetSpec, jsonl_file
+from vlmtune.data.media import (
+    EmbeddedImage,
+    MediaError,
+    jpeg_compress,
+    load_image,
+    load_video_frames,
+    resolve_media,
+)
+from vlmtune.data.meta import DatasetSpec, record_source
 from vlmtune.data.report import SkipReport, SkipSample
 from vlmtune.data.stream import Skipped
 from vlmtune.data.tiling import choose_grid, frames_to_tiles, image_to_tiles
@@ -57,6 +64,11 @@ class DataConfig:
     #: Frames sampled per video: between these bounds (InternVL's video defaults are 8..32).
     min_num_frames: int = 8
     max_num_frames: int = 32
+    #: Seconds a video's decode may take before it is abandoned and the sample skipped
+    #: (``video_decode_error``): decord can hang in native code (decord issue #373), which would stall
+    #: a DataLoader worker and every rank with it. Decoded in a child process that is killed and
+    #: replaced when it overruns (data/media.py `VideoDecoder`); 0: in-process, no limit.
+    video_decode_timeout_s: float = 60.0
     #: Random JPEG re-compression quality, applied when a dataset has ``data_augment: true`` (InternVL2.5).
     jpeg_quality_range: tuple[int, int] = (75, 100)
     #: System message for samples without one; InternVL3's default. None: no system turn.
@@ -125,14 +137,17 @@ def num_image_tiles(
     return cols * rows + int(use_thumbnail and cols * rows != 1)
 
 
-def image_size_of(path: Path) -> tuple[int, int]:
+def image_size_of(path: Path | EmbeddedImage) -> tuple[int, int]:
     """(width, height) from the file header (PIL reads no pixels); raises SkipSample like `load_image`."""
+    import io
+
     from PIL import Image
 
-    if not path.is_file():
+    embedded = isinstance(path, EmbeddedImage)
+    if not embedded and not path.is_file():
         raise SkipSample("missing_image", f"{path}: no such file")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path.data) if embedded else path) as image:
             width, height = image.size
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad headers
         raise SkipSample("corrupt_image", f"{path}: {type(e).__name__}: {e}") from e
@@ -170,6 +185,7 @@ def load_media(
                 max_num_frames=cfg.max_num_frames,
                 training=training,
                 rng=rng,
+                timeout_s=cfg.video_decode_timeout_s,
             )
             if augment:
                 frames = [jpeg_compress(f, rng, quality) for f in frames]
@@ -177,7 +193,7 @@ def load_media(
             frame_tokens = [tokens_per_tile] * len(frames)
         min_num, max_num = tile_limits(cfg, spec, len(images))
         for path in images:
-            image = load_image(spec.root / path)
+            image = load_image(resolve_media(spec.root, path))
             if augment:
                 image = jpeg_compress(image, rng, quality)
             t = image_to_tiles(
@@ -210,7 +226,7 @@ class SampleProcessor:
 
     def read(self, spec: DatasetSpec, line_no: int) -> tuple[Record | TextRecord, str]:
         """The validated record and its supervision ("all" | "assistant"); raises SkipSample."""
-        raw = jsonl_file(spec.annotation).read(line_no)
+        raw = record_source(spec).read(line_no)
         if is_text_record(raw):
             if spec.supervision == "assistant":
                 raise SkipSample(
@@ -247,7 +263,7 @@ class SampleProcessor:
         )
 
     def __call__(self, spec: DatasetSpec, line_no: int, rng: random.Random, training: bool) -> dict[str, Any]:
-        source = jsonl_file(spec.annotation).source(line_no)
+        source = record_source(spec).source(line_no)
         record, supervision = self.read(spec, line_no)
         media = load_media(self.cfg, spec, record.images, record.video, self.tokens_per_tile, rng, training)
         input_ids, labels = self.tokenize(record, supervision, media.image_tokens, media.frame_tokens)
@@ -275,7 +291,7 @@ class SampleProcessor:
         image_tokens: list[int] = []
         min_num, max_num = self.tile_limits(spec, len(record.images))
         for path in record.images:
-            width, height = image_size_of(spec.root / path)
+            width, height = image_size_of(resolve_media(spec.root, path))
             tiles = num_image_tiles(
                 width,
                 height,
@@ -335,4 +351,4 @@ def process_position(
     try:
         return processor(spec, line, sample_rng(seed, position, epoch), training)
     except SkipSample as e:
-        return Skipped(spec.name, jsonl_file(spec.annotation).source(line), e.reason, e.detail)
+        return Skipped(spec.name, record_source(spec).source(line), e.reason, e.detail)

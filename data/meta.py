@@ -10,9 +10,27 @@ text corpora next to multimodal data): ``supervision`` (``"all"``: every text to
 ``"assistant"``: assistant turns only; default by record kind, see data/dataset.py) and ``weight``
 (the dataset's target share of the *tokens* of an epoch; see data/mixture.py).
 
+An entry may name a Hugging Face dataset instead of a jsonl file (data/hf_dataset.py reads it)::
+
+    {"name": {"hf_dataset": "sets/llava_mix", "split": "train",
+              "columns": {"conversations": "messages", "image": "images"},
+              "root": "images/", "repeat_time": 1}}
+
+``hf_dataset`` (instead of ``annotation``): a ``datasets`` ``save_to_disk`` directory (a
+``DatasetDict`` or one ``Dataset``) or parquet files (one file, or a directory laid out as on the
+Hub: ``data/train-00000-of-00002.parquet``, ``train/*.parquet``, ...). ``split``: which split
+(may be omitted when there is one; a single saved ``Dataset`` or parquet file is ``train`` unless it
+was saved with a split name). ``columns``: record field -> column (``conversations``, ``image``,
+``video``, ``text``, ``question``, ``chosen``, ``rejected``; a field not named is read from the
+column of its own name, ``conversations`` also from ``messages`` and ``image`` from ``images``;
+``null`` ignores a column). ``root``: what image/video path columns are relative to (embedded
+images need none). Every other key means what it means for jsonl. The path, the split, the named
+columns and their types are checked at start; records are read lazily and sourced
+``"PATH[split]:row N"``.
+
 Everything that can be checked before training is checked at load time: a missing file or a
 misspelt key fails at start with the meta file, dataset and key named, not hours into a run.
-Relative ``root``/``annotation`` paths resolve against the meta file's directory (InternVL
+Relative ``root``/``annotation``/``hf_dataset`` paths resolve against the meta file's directory (InternVL
 resolves them against the working directory; anchoring them to the meta file makes a dataset
 directory relocatable).
 """
@@ -26,17 +44,21 @@ from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vlmtune.data.report import SkipSample
 
 #: Keys InternVL's meta files use (internvl_chat/internvl/train/internvl_chat_finetune.py,
 #: build_datasets), plus ``min_dynamic_patch`` as the per-dataset twin of ``max_dynamic_patch`` and
-#: the mixture keys ``supervision`` and ``weight``.
+#: the mixture keys ``supervision`` and ``weight``, and the Hugging Face dataset keys ``hf_dataset``,
+#: ``split`` and ``columns``.
 KNOWN_KEYS = frozenset(
     {
         "root",
         "annotation",
+        "hf_dataset",
+        "split",
+        "columns",
         "repeat_time",
         "max_dynamic_patch",
         "min_dynamic_patch",
@@ -60,6 +82,7 @@ class DatasetSpec:
 
     name: str
     root: Path
+    #: The jsonl file, or the Hugging Face dataset (``hf_dataset``: see ``annotation_format``).
     annotation: Path
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None
@@ -74,11 +97,17 @@ class DatasetSpec:
     #: Samples this dataset gives an epoch, set from the weights by `data.mixture.apply_mixture`
     #: (not a meta key); None: ``repeat_time`` decides.
     samples_per_epoch: int | None = None
+    #: What ``annotation`` is: "jsonl", or a Hugging Face dataset ("arrow": save_to_disk, "parquet").
+    annotation_format: str = "jsonl"
+    #: The Hugging Face dataset's split (resolved at load time); None for jsonl.
+    split: str | None = None
+    #: The meta entry's ``columns`` as sorted (field, column or None) pairs (hashable, picklable).
+    columns: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def num_records(self) -> int:
-        """Number of non-blank lines in the annotation file (indexed once, cached)."""
-        return jsonl_file(self.annotation).num_records
+        """Records in the annotation (non-blank jsonl lines, or dataset rows; indexed once, cached)."""
+        return record_source(self).num_records
 
 
 def _resolve(base: Path, value: str | None) -> Path:
@@ -106,8 +135,18 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
         raise MetaError(
             f"{meta}: dataset {name!r}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(KNOWN_KEYS))})"
         )
-    if "annotation" not in entry or not isinstance(entry["annotation"], str):
-        raise MetaError(f"{meta}: dataset {name!r}: 'annotation' (path to a .jsonl file) is required")
+    if "annotation" in entry and "hf_dataset" in entry:
+        raise MetaError(f"{meta}: dataset {name!r}: 'annotation' and 'hf_dataset': an entry names one")
+    hf = "hf_dataset" in entry
+    key = "hf_dataset" if hf else "annotation"
+    if key not in entry or not isinstance(entry[key], str):
+        raise MetaError(
+            f"{meta}: dataset {name!r}: 'annotation' (path to a .jsonl file) or 'hf_dataset' (a datasets "
+            "save_to_disk directory or parquet files) is required"
+        )
+    if not hf and ("split" in entry or "columns" in entry):
+        extra = "split" if "split" in entry else "columns"
+        raise MetaError(f"{meta}: dataset {name!r}: {extra!r} applies to 'hf_dataset' entries only")
     base = meta.parent
     root = entry.get("root")
     if root is not None and not isinstance(root, str):
@@ -118,8 +157,11 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
             f"{meta}: dataset {name!r}: root directory not found: {_resolve(base, root)} "
             "(image and video paths resolve against it; null for the meta file's directory)"
         )
-    annotation = _resolve(base, entry["annotation"])
-    if not annotation.is_file():
+    annotation = _resolve(base, entry[key])
+    hf_fields: dict[str, Any] = {}
+    if hf:
+        hf_fields = _parse_hf(meta, name, annotation, entry)
+    elif not annotation.is_file():
         raise MetaError(f"{meta}: dataset {name!r}: annotation file not found: {annotation}")
     augment = entry.get("data_augment", False)
     if not isinstance(augment, bool):
@@ -152,16 +194,37 @@ def parse_entry(meta: Path, name: str, entry: Any) -> DatasetSpec:
         meta_path=meta,
         supervision=supervision,
         weight=weight,
+        **hf_fields,
         **optional_int,
     )
     # InternVL's `length` is the annotation's number of records: one that disagrees means the file was
     # truncated or is not the one meant, which is cheaper to learn now than from the loss curve.
-    if spec.length is not None and annotation.is_file() and spec.num_records != spec.length:
+    if spec.length is not None and spec.num_records != spec.length:
         raise MetaError(
             f"{meta}: dataset {name!r}: 'length' is {spec.length} but {annotation} holds "
             f"{spec.num_records} records (fix or drop 'length')"
         )
     return spec
+
+
+def _parse_hf(meta: Path, name: str, path: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """The `DatasetSpec` fields of an ``hf_dataset`` entry, after opening it: path, split, columns checked."""
+    from vlmtune.data.hf_dataset import hf_records
+
+    split, columns = entry.get("split"), entry.get("columns", {})
+    if split is not None and not isinstance(split, str):
+        raise MetaError(f"{meta}: dataset {name!r}: 'split' must be a string, got {split!r}")
+    if not isinstance(columns, dict) or not all(isinstance(c, str) or c is None for c in columns.values()):
+        raise MetaError(
+            f"{meta}: dataset {name!r}: 'columns' must map record fields to column names (or null), "
+            f"got {columns!r}"
+        )
+    pairs = tuple(sorted(columns.items()))
+    try:
+        records = hf_records(path, split, pairs)
+    except (OSError, ValueError) as e:  # HFDatasetError, and what datasets / pyarrow raise on a broken file
+        raise MetaError(f"{meta}: dataset {name!r}: {e}") from e
+    return {"annotation_format": records.format, "split": records.split, "columns": pairs}
 
 
 def load_meta(path: str | Path) -> list[DatasetSpec]:
@@ -183,6 +246,36 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
             f"{meta}: dataset {missing!r}: 'weight' is missing; give every dataset a weight (token shares) or none"
         )
     return specs
+
+
+class RecordSource(Protocol):
+    """Lazy, random access to a dataset's records: what every stage after reading sees of a dataset.
+
+    `JsonlFile` (jsonl lines) and `data.hf_dataset.HFRecords` (Hugging Face dataset rows) are the two;
+    `record_source` picks a spec's.
+    """
+
+    path: Path
+
+    @property
+    def num_records(self) -> int: ...
+
+    def read(self, k: int) -> dict[str, Any]:
+        """Record ``k`` as a dict of the jsonl line's shape; raises SkipSample for one that is not."""
+        ...
+
+    def source(self, k: int) -> str:
+        """Where record ``k`` is (``"file:line"``, ``"PATH[split]:row N"``): what skip logs print."""
+        ...
+
+
+def record_source(spec: DatasetSpec) -> RecordSource:
+    """The (cached, per-process) records of ``spec``'s annotation, jsonl or Hugging Face dataset."""
+    if spec.annotation_format == "jsonl":
+        return jsonl_file(spec.annotation)
+    from vlmtune.data.hf_dataset import hf_records
+
+    return hf_records(spec.annotation, spec.split, spec.columns)
 
 
 class JsonlFile:

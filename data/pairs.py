@@ -30,7 +30,7 @@ import torch
 
 from vlmtune.data.conversation import IGNORE_INDEX, tokenize_conversation, validate_media
 from vlmtune.data.dataset import DataConfig, load_media
-from vlmtune.data.meta import DatasetSpec, jsonl_file
+from vlmtune.data.meta import DatasetSpec, record_source
 from vlmtune.data.report import SkipSample
 
 PAIR_FIELDS = ("question", "chosen", "rejected")
@@ -142,9 +142,9 @@ class PairProcessor:
         self.tokens_per_tile = tokens_per_tile
 
     def __call__(self, spec: DatasetSpec, line_no: int, rng: random.Random, training: bool) -> dict[str, Any]:
-        jf = jsonl_file(spec.annotation)
-        source = jf.source(line_no)
-        pair = validate_pair(jf.read(line_no))
+        records = record_source(spec)  # a jsonl file or a Hugging Face dataset's rows
+        source = records.source(line_no)
+        pair = validate_pair(records.read(line_no))
         media = load_media(self.cfg, spec, pair.images, pair.video, self.tokens_per_tile, rng, training)
         out: dict[str, Any] = tokenize_pair(
             pair,

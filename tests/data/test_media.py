@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
+import signal
 import struct
+import subprocess
+import sys
+import threading
+import time
 import zlib
+from pathlib import Path
 
 import av
 import numpy as np
@@ -267,3 +275,160 @@ def test_video_missing_and_garbage(tmp_path):
     with pytest.raises(MediaError) as err:
         load_video_frames(garbage, training=True, rng=random.Random(0))
     assert err.value.reason == "video_decode_error" and "garbage.mp4" in str(err.value)
+
+
+# ------------------------------------------------------------------------- video under a time limit
+
+
+def hanging_open(path: str):
+    """A stand-in opener for the decoder process: decord's reader, except that a file named hang*
+    never returns from get_batch (as decord issue #373's; it leaves ``<path>.hung`` to say it is
+    stuck) and one named crash* kills its process."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("crash"):
+        os._exit(3)
+    reader = media.open_decord(path)
+    if not name.startswith("hang"):
+        return reader
+
+    class Hangs:
+        def __len__(self) -> int:
+            return len(reader)
+
+        def get_batch(self, indices):
+            open(path + ".hung", "w").close()
+            threading.Event().wait()  # blocks forever; only SIGKILL of the process ends it
+
+    return Hangs()
+
+
+HANGING_OPENER = f"{__name__}:hanging_open"
+
+
+def _frames_equal(a: list[Image.Image], b: list[Image.Image]) -> bool:
+    return len(a) == len(b) > 0 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_decoder_process_frames_and_rng_equal_in_process_decode(colour_video, training):
+    for seed in range(3):
+        rng_child, rng_here = random.Random(seed), random.Random(seed)
+        kwargs = dict(min_num_frames=3, max_num_frames=9, training=training)
+        child = load_video_frames(colour_video, rng=rng_child, timeout_s=10, **kwargs)
+        here = load_video_frames(colour_video, rng=rng_here, timeout_s=0, **kwargs)
+        assert _frames_equal(child, here)
+        assert rng_child.getstate() == rng_here.getstate()  # the augmentations after it stay the same
+    assert media._decoder is not None and media._decoder.alive
+
+
+def test_hung_decode_is_abandoned_at_the_limit_and_the_next_video_decodes(
+    colour_video, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(media, "VIDEO_OPENER", HANGING_OPENER)
+    (tmp_path / "hang.mp4").write_bytes(colour_video.read_bytes())
+    (tmp_path / "crash.mp4").write_bytes(colour_video.read_bytes())
+    kwargs = dict(min_num_frames=4, max_num_frames=8, training=False, rng=random.Random(0))
+    load_video_frames(colour_video, timeout_s=1.5, **kwargs)  # a decoder is up (its start is not timed)
+    hung_child = media._decoder.process
+    start = time.monotonic()
+    with pytest.raises(MediaError) as err:
+        load_video_frames(tmp_path / "hang.mp4", timeout_s=1.5, **kwargs)
+    elapsed = time.monotonic() - start
+    assert err.value.reason == "video_decode_error" and "timed out after 1.5 s" in err.value.detail
+    assert "hang.mp4" in err.value.detail
+    assert 1.5 <= elapsed < 4.0  # the limit, give or take a loaded machine
+    assert hung_child.returncode == -signal.SIGKILL  # killed and reaped, not left hanging
+    frames = load_video_frames(colour_video, timeout_s=1.5, **kwargs)
+    assert media._decoder.process.pid != hung_child.pid  # a fresh decoder
+    assert _frames_equal(frames, load_video_frames(colour_video, timeout_s=0, **kwargs))
+    with pytest.raises(MediaError, match=r"decoder process died \(exit code 3\)"):
+        load_video_frames(tmp_path / "crash.mp4", timeout_s=5, **kwargs)
+    assert _frames_equal(load_video_frames(colour_video, timeout_s=5, **kwargs), frames)
+
+
+def test_a_hung_video_sample_is_skipped_and_counted(colour_video, tmp_path, monkeypatch, tok):
+    """Through the sample path: data.video_decode_timeout_s reaches the decode, the sample is skipped
+    with the reason at its file:line, and the next video sample is processed."""
+    import torch  # here, not at the top: the decoder process imports this module for hanging_open
+
+    from vlmtune.data.dataset import DataConfig, SampleProcessor, iter_samples
+    from vlmtune.data.meta import load_meta
+    from vlmtune.data.report import SkipReport
+
+    monkeypatch.setattr(media, "VIDEO_OPENER", HANGING_OPENER)
+    (tmp_path / "hang.mp4").write_bytes(colour_video.read_bytes())
+    (tmp_path / "ok.mp4").write_bytes(colour_video.read_bytes())
+    turns = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "grey"}]
+    lines = [{"video": v, "conversations": turns} for v in ("ok.mp4", "hang.mp4", "ok.mp4")]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "meta.json").write_text(json.dumps({"videos": {"root": ".", "annotation": "v.jsonl"}}))
+    cfg = DataConfig(meta_path=str(tmp_path / "meta.json"), image_size=56, min_num_frames=4, max_num_frames=4)
+    cfg.video_decode_timeout_s = 1.0
+    specs = load_meta(cfg.meta_path)
+    report = SkipReport()
+    samples = list(
+        iter_samples(SampleProcessor(cfg, tok, 16), specs, [(0, 0), (0, 1), (0, 2)], 0, report, False)
+    )
+    assert [s["index"] for s in samples] == [0, 2] and all(s["num_images"] == 4 for s in samples)
+    assert torch.equal(samples[0]["pixel_values"], samples[1]["pixel_values"])
+    [entry] = report.entries
+    assert (entry["line"], entry["reason"]) == (2, "video_decode_error")
+    assert "timed out after 1 s" in entry["detail"]  # the config's limit, not the 60 s default
+
+
+def _decode_in_forked_child(path: str) -> tuple[int, list[bytes]]:
+    frames = load_video_frames(
+        path, min_num_frames=4, max_num_frames=4, training=False, rng=random.Random(0), timeout_s=10
+    )
+    return media._decoder.process.pid, [f.tobytes() for f in frames]
+
+
+def test_a_forked_worker_starts_its_own_decoder(colour_video):
+    """A process forked while this one holds a decoder (a DataLoader worker) must not talk on its socket."""
+    import multiprocessing
+
+    kwargs = dict(min_num_frames=4, max_num_frames=4, training=False, rng=random.Random(0))
+    mine = load_video_frames(colour_video, timeout_s=10, **kwargs)
+    my_decoder = media._decoder.process.pid
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        their_decoder, theirs = pool.apply(_decode_in_forked_child, (str(colour_video),))
+    assert their_decoder != my_decoder and theirs == [f.tobytes() for f in mine]
+    assert media._decoder.process.pid == my_decoder  # ours untouched, and still answering
+    assert _frames_equal(load_video_frames(colour_video, timeout_s=10, **kwargs), mine)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie no one reaped is dead too
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_hung_decoder_dies_with_its_parent(colour_video, tmp_path):
+    """A worker killed mid-decode (the decoder stuck in native code, reading nothing) leaves no orphan."""
+    (tmp_path / "hang.mp4").write_bytes(colour_video.read_bytes())
+    code = (
+        "import random, sys; from vlmtune.data import media; "
+        f"media.VIDEO_OPENER = {HANGING_OPENER!r}; "
+        "media._decoder = media.VideoDecoder(media.VIDEO_OPENER); print(media._decoder.process.pid, flush=True); "
+        f"media.load_video_frames({str(tmp_path / 'hang.mp4')!r}, training=False, rng=random.Random(0), timeout_s=600)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},  # for hanging_open
+    )
+    decoder = int(parent.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "hang.mp4.hung").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "hang.mp4.hung").exists() and not _gone(decoder)  # stuck in get_batch
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while not _gone(decoder) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(decoder)

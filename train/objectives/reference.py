@@ -83,7 +83,12 @@ def cache_key(meta_path: str, model_dir: str | None, data_settings: dict) -> str
     h = hashlib.sha256()
     h.update(Path(meta_path).read_bytes())
     for spec in load_meta(meta_path):
-        h.update(spec.annotation.read_bytes())
+        # a jsonl file, or a Hugging Face dataset: a parquet file or a directory (save_to_disk, parquet shards)
+        files = [spec.annotation] if spec.annotation.is_file() else sorted(spec.annotation.rglob("*"))
+        for f in (f for f in files if f.is_file()):
+            h.update(f.read_bytes())
+        if spec.annotation_format != "jsonl":
+            h.update(json.dumps([spec.split, spec.columns], sort_keys=True, default=str).encode())
     if model_dir is not None:
         for weights in sorted(Path(model_dir).glob("*.safetensors")):
             h.update(weights.read_bytes())

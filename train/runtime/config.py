@@ -34,6 +34,7 @@ class EvalDataConfig(DataConfig):
     use_thumbnail: bool = II("data.use_thumbnail")
     min_num_frames: int = II("data.min_num_frames")
     max_num_frames: int = II("data.max_num_frames")
+    video_decode_timeout_s: float = II("data.video_decode_timeout_s")
     jpeg_quality_range: tuple[int, int] = II("data.jpeg_quality_range")
     system_prompt: str | None = II("data.system_prompt")
     seed: int = II("data.seed")

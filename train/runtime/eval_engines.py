@@ -62,6 +62,26 @@ def human_content(text: str, num_images: int) -> list[dict[str, Any]]:
     return parts
 
 
+def image_file(ref: str, root: Path) -> str:
+    """A file the serving engines can open for a record's image: ``root / ref`` for a path; an image embedded
+    in a Hugging Face dataset row is written once to a cache file named by its content."""
+    import hashlib
+    import tempfile
+
+    from vlmtune.data.media import EmbeddedImage
+
+    if not isinstance(ref, EmbeddedImage):
+        return str(ref if Path(ref).is_absolute() else root / ref)
+    folder = Path(tempfile.gettempdir()) / "vlmtune-embedded-images"
+    folder.mkdir(exist_ok=True)
+    path = folder / hashlib.sha256(ref.data).hexdigest()
+    if not path.exists():
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(ref.data)
+        partial.replace(path)
+    return str(path)
+
+
 def record_to_item(
     record: dict[str, Any], root: Path, source: str, dataset: str, index: int = 0
 ) -> EvalItem | None:
@@ -71,7 +91,7 @@ def record_to_item(
         return None
     images = record.get("image") or []
     images = [images] if isinstance(images, str) else list(images)
-    paths = [str(p if Path(p).is_absolute() else root / p) for p in images]
+    paths = [image_file(p, root) for p in images]
     turns = record["conversations"]
     last = max(i for i, t in enumerate(turns) if t["from"] == "gpt")
     messages: list[dict[str, Any]] = []
@@ -90,13 +110,13 @@ def record_to_item(
 
 def eval_items(meta_path: str, seed: int, max_samples: int | None) -> list[EvalItem]:
     """The held-out questions in `vlmtune eval`'s order (the meta file's seeded index)."""
-    from vlmtune.data.meta import build_index, jsonl_file, load_meta
+    from vlmtune.data.meta import build_index, load_meta, record_source
 
     specs = load_meta(meta_path)
     index = build_index(specs, seed)[: max_samples if max_samples is not None else None]
     items = []
     for ds, line in index:
-        spec, jf = specs[ds], jsonl_file(specs[ds].annotation)
+        spec, jf = specs[ds], record_source(specs[ds])
         try:
             record = jf.read(line)
         except Exception:  # a bad line: vlmtune's eval skips it too

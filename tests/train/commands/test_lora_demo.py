@@ -83,35 +83,20 @@ def test_prepare_lora_demo_writes_eval_and_replay_metas(tmp_path):
     assert all(s.data_augment for s in replay)
 
 
-def test_lora_demo_learns_the_new_domain(tmp_path):
-    """A short SFT demo model, then `experiment=demo_lora` (shortened): the background colour, never
-    asked before, goes from about chance to near perfect, read from the pixels (blank images stay low)."""
-    from vlmtune.train.model.tiny import build_tiny_checkpoint
-
-    old = tmp_path / "data"
-    generate_sft_dataset(
-        old, num_train=1500, num_eval=100, seed=0, task_weights=DEMO_TASKS, max_aspect=DEMO_MAX_ASPECT
-    )
-    build_tiny_checkpoint(tmp_path / "tiny_init")
-    run_sft(
-        [
-            "experiment=demo",
-            f"train.output_dir={tmp_path / 'sft'}",
-            f"data.meta_path={old / 'meta_train.json'}",
-            f"model.pretrained={tmp_path / 'tiny_init'}",
-            "eval_data=null",
-            "train.max_steps=120",
-            "train.save_every=0",
-        ]
-    )
-    out = tmp_path / "lora"
+def test_lora_demo_learns_the_new_domain(demo_run):
+    """The SFT demo model (the serving tests' shared 200-step run: the demo's data, smaller), then
+    `experiment=demo_lora` (shortened): the background colour, never asked before, goes from about
+    chance to near perfect, read from the pixels (blank images stay low)."""
+    sft_out, _ = demo_run
+    root = sft_out.parent  # holds `data` (the old domain, as prepare_lora_demo expects beside `lora_data`)
+    out = root / "lora"
     run_sft(
         [
             "experiment=demo_lora",
             f"train.output_dir={out}",
-            f"model.pretrained={tmp_path / 'sft' / 'hf'}",
-            f"data.meta_path={tmp_path / 'lora_data' / 'meta_train.json'}",
-            f"eval_data.meta_path={tmp_path / 'lora_data' / 'meta_eval_old_and_new.json'}",
+            f"model.pretrained={sft_out / 'hf'}",
+            f"data.meta_path={root / 'lora_data' / 'meta_train.json'}",
+            f"eval_data.meta_path={root / 'lora_data' / 'meta_eval_old_and_new.json'}",
             "train.max_steps=80",
         ]
     )

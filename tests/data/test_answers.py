@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtune.data.answers import answers_match, extract_choice, extract_number
+from vlmtune.data.answers import (
+    MATCH_MODES,
+    answers_match,
+    extract_answer,
+    extract_choice,
+    extract_marked,
+    extract_number,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +49,29 @@ def test_modes_differ_where_they_should():
     assert answers_match("The answer is C.", "C", "choice") and not answers_match("no idea", "C", "choice")
     with pytest.raises(ValueError, match="answer match must be one of"):
         answers_match("a", "a", "fuzzy")
+
+
+@pytest.mark.parametrize(
+    ("text", "marked"),
+    [
+        ("The shape has three corners.\nAnswer: Triangle.", "triangle"),
+        ("answer: 4\nso that is it", "4"),  # up to the end of the marker's line, any case
+        ("Answer: B at first... Answer: C", "c"),  # the last statement counts
+        ("ANSWER:   blue  ", "blue"),
+        ("Answer:", None),  # nothing after it
+        ("The answer is red.", None),  # no marker
+    ],
+)
+def test_marked_answer(text, marked):
+    assert extract_marked(text) == marked
+
+
+def test_marker_mode_needs_the_marker_in_the_prediction_only():
+    chain = "I see a red circle.\nAnswer: Red."
+    assert answers_match(chain, "red", "marker") and answers_match(chain, "Answer: red", "marker")
+    assert not answers_match("red", "red", "marker")  # the prediction states no answer
+    assert not answers_match("Answer: blue", "red", "marker")
+    assert not answers_match(chain, "red")  # the whole chain is not the answer under "normalised"
+    assert answers_match("Result => 7", "7", "marker", marker="=>")
+    assert extract_answer("Final: X", "marker", marker="final:") == "x"
+    assert "marker" in MATCH_MODES

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "markdown table + plot of a sweep's runs (e.g. the MPO ablation)",
     ),
+    "make-pairs": ("vlmtune.train.commands.make_pairs", "main", "MPO pairs from a model's samples"),
     "check-data": (
         "vlmtune.train.commands.check_data",
         "main",

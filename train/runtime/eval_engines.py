@@ -175,6 +175,15 @@ def vllm_missing_message() -> str:
     )
 
 
+def has_original_config(model_dir: str | Path) -> bool:
+    """An original-layout export (config.json says InternVLChatModel): its config class is the
+    configuration_internvl_chat.py written beside it, so vLLM loads it with trust_remote_code (the
+    directory holds no modeling code; vLLM serves it with its own InternVLChatModel)."""
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return "InternVLChatModel" in (config.get("architectures") or [])
+
+
 def vllm_answers(
     model_dir: str,
     items: list[EvalItem],
@@ -189,9 +198,7 @@ def vllm_answers(
     InternVLChatModel): its config class is the configuration_internvl_chat.py written next to it
     (vLLM serves it with its own InternVLChatModel; the directory has no modeling code).
     """
-    config_path = Path(model_dir) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    trust_remote_code = trust_remote_code or "InternVLChatModel" in (config.get("architectures") or [])
+    trust_remote_code = trust_remote_code or has_original_config(model_dir)
     python = vllm_python()
     if python is None:
         raise RuntimeError(vllm_missing_message())

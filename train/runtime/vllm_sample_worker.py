@@ -1,6 +1,6 @@
 """Runs inside vLLM's own venv (no vlmtune there): request.json -> seeded samples, one stdout line per request.
 
-The sampling counterpart of vllm_worker.py (same engine settings). Each request carries its seed
+The sampling counterpart of vllm_worker.py (its engine settings, `build_llm`). Each request carries its seed
 (``SamplingParams(seed=s, n=N)``: vLLM seeds child j with ``s + j``, the sampler's definition) and
 whether it continues a final assistant message. Results are printed as ``VLMTUNE_SAMPLES <json>`` in
 request order, a chunk of requests at a time, so the caller can record them as they finish. Standard
@@ -10,42 +10,17 @@ library and vLLM only; everything runs under the ``__main__`` guard (vLLM spawns
 import json
 import sys
 
+from vllm_worker import build_llm, to_vllm  # beside this file (a script's folder is on sys.path)
+
 MARK = "VLMTUNE_SAMPLES "  # = sampler.VLLM_RESULT_MARK
 
 
-def to_vllm(messages, paths):
-    """Chat messages with PIL images in place of the image parts, in order."""
-    from PIL import Image
-
-    images = iter([Image.open(p).convert("RGB") for p in paths])
-    out = []
-    for m in messages:
-        content = []
-        for part in m["content"]:
-            if part["type"] == "image":
-                content.append({"type": "image_pil", "image_pil": next(images)})
-            else:
-                content.append(part)
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
 def main(request_path: str) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     request = json.loads(open(request_path).read())
     items = request["requests"]
-    most_images = max([len(i["images"]) for i in items] + [1])
-    llm = LLM(
-        model=request["model"],
-        dtype="float32",
-        max_model_len=request.get("max_model_len", 8192),
-        limit_mm_per_prompt={"image": most_images, "video": 0},
-        enforce_eager=True,
-        seed=0,
-        trust_remote_code=bool(request.get("trust_remote_code", False)),
-        gpu_memory_utilization=request.get("memory_fraction", 0.2),
-    )
+    llm = build_llm(request, items)
     chunk = max(1, int(request.get("chunk", 256)))
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]

@@ -1,21 +1,20 @@
 """Runs inside vLLM's own venv (no vlmtune there): request.json -> greedy answers -> reply.json.
 
 Standard library and vLLM only. vLLM starts its workers with spawn, so everything runs under the
-``__main__`` guard.
+``__main__`` guard. ``build_llm`` and ``to_vllm`` also serve the sampler's worker (vllm_sample_worker.py,
+beside this file: one set of engine settings for evaluation and sampling).
 """
 
 import json
 import sys
 
 
-def main(request_path: str, reply_path: str) -> None:
-    from PIL import Image
-    from vllm import LLM, SamplingParams
+def build_llm(request, items):
+    """The engine as evaluation and sampling use it: fp32, eager, seeded, sized for the requests' images."""
+    from vllm import LLM
 
-    request = json.loads(open(request_path).read())
-    items = request["items"]
     most_images = max([len(i["images"]) for i in items] + [1])
-    llm = LLM(
+    return LLM(
         model=request["model"],
         dtype="float32",
         max_model_len=request.get("max_model_len", 8192),
@@ -27,20 +26,33 @@ def main(request_path: str, reply_path: str) -> None:
         # on the CPU backend this is the share of the machine's memory vLLM reserves at start
         gpu_memory_utilization=request.get("memory_fraction", 0.2),
     )
+
+
+def to_vllm(messages, paths):
+    """Chat messages with PIL images in place of the image parts, in order."""
+    from PIL import Image
+
+    images = iter([Image.open(p).convert("RGB") for p in paths])
+    out = []
+    for m in messages:
+        content = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                content.append({"type": "image_pil", "image_pil": next(images)})
+            else:
+                content.append(part)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def main(request_path: str, reply_path: str) -> None:
+    from vllm import SamplingParams
+
+    request = json.loads(open(request_path).read())
+    items = request["items"]
+    llm = build_llm(request, items)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"])
-    conversations = []
-    for item in items:
-        images = iter([Image.open(p).convert("RGB") for p in item["images"]])
-        messages = []
-        for m in item["messages"]:
-            content = []
-            for part in m["content"]:
-                if part["type"] == "image":
-                    content.append({"type": "image_pil", "image_pil": next(images)})
-                else:
-                    content.append(part)
-            messages.append({"role": m["role"], "content": content})
-        conversations.append(messages)
+    conversations = [to_vllm(item["messages"], item["images"]) for item in items]
     outputs = llm.chat(conversations, params, use_tqdm=False)
     answers = [o.outputs[0].text for o in outputs]
     with open(reply_path, "w") as f:

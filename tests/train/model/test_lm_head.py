@@ -353,3 +353,47 @@ def test_weighted_logp_sum_rejects_bad_weights():
         weighted_logp_sum(h, w, targets, torch.ones(5, requires_grad=True))
     with pytest.raises(ValueError, match="must match targets"):
         weighted_logp_sum(h, w, targets, torch.ones(4))
+
+
+def test_against_deepspeeds_tiled_fused_logits_loss():
+    """DeepSpeed's ``TiledFusedLogitsLoss`` (the tiled head it ships) as a second reference for the SFT sum:
+    with the loss used as it is, its loss and gradients equal ``weighted_logp_sum``'s. Why vlmtune does not
+    call it: it makes the head weight's gradient in its forward pass and never scales it by the gradient
+    that arrives later, so a loss divided after it (SFT's normaliser, DeepSpeed's own gradient-accumulation
+    scaling) leaves that gradient unscaled; and a scalar loss only, so MPO's per-token terms cannot use it."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    h, w, _, targets = make_case(23, dtype=torch.float64, bias=False)
+    weights = torch.linspace(0.3, 2.0, len(targets), dtype=torch.float64) * (targets != IGNORE_INDEX)
+
+    def nll_sum(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(head(x), y.clamp(min=0), reduction="none")
+        return (nll * mask).sum()
+
+    def deepspeed_grads(scale: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64)
+        head.weight.data.copy_(w)
+        x = h.clone()[None].requires_grad_()
+        loss = TiledFusedLogitsLoss.apply(
+            nll_sum, head, x, targets[None], weights[None], 4, [head.weight], "sum"
+        )
+        (loss / scale).backward()
+        return loss.item(), x.grad[0], head.weight.grad
+
+    def ours(scale: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        x, weight = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = -weighted_logp_sum(x, weight, targets, weights, chunk_size=6)
+        (loss / scale).backward()
+        return loss.item(), x.grad, weight.grad
+
+    ds_loss, ds_hidden, ds_weight = deepspeed_grads(1.0)
+    loss, hidden, weight = ours(1.0)
+    assert loss == pytest.approx(ds_loss, rel=1e-12)
+    assert_rel_close(hidden, ds_hidden, 1e-12, "hidden")
+    assert_rel_close(weight, ds_weight, 1e-12, "weight")
+
+    _, ds_hidden, ds_weight = deepspeed_grads(8.0)
+    _, hidden, weight = ours(8.0)
+    assert_rel_close(hidden, ds_hidden, 1e-12, "hidden")  # the input's gradient is scaled by both
+    assert_rel_close(weight, ds_weight / 8, 1e-12, "weight")  # the head's only by ours
+    assert not torch.allclose(ds_weight, weight)

@@ -204,15 +204,19 @@ def tokenize_conversation(
     ``frame_token_counts``: the same per video frame, for a video sample. The sample's own system
     turn wins over ``system_prompt``; ``system_prompt=None`` omits the system turn.
     ``supervision="assistant"`` labels the answers (and their ``<|im_end|>``) only; ``"all"`` labels
-    every text token, template included, and never an image's ``<img>..</img>`` span.
+    every text token, template included, and never an image's ``<img>..</img>`` span;
+    ``"assistant_content"`` labels the answers without their ``<|im_end|>`` (a PRM's ``+``/``-``
+    verdicts: the turn's end is given, not learnt).
 
     A sample longer than ``max_length`` is dropped (SkipSample("too_long")), never truncated:
     InternVL truncates, which can cut through image tokens (and then fails its own image-count
     assert) or leave a question without its answer; dropping keeps every sample whole and
     check-data reports how many were lost.
     """
-    if supervision not in ("all", "assistant"):
-        raise ValueError(f"supervision must be 'all' or 'assistant', got {supervision!r}")
+    if supervision not in ("all", "assistant", "assistant_content"):
+        raise ValueError(
+            f"supervision must be 'all', 'assistant' or 'assistant_content', got {supervision!r}"
+        )
     turns, counts = _expand_media(conversations, image_token_counts, frame_token_counts)
 
     system = system_prompt
@@ -235,7 +239,7 @@ def tokenize_conversation(
             pieces += [
                 (f"{IM_START}assistant\n", False),
                 (turn["value"], True),
-                (IM_END, True),
+                (IM_END, supervision != "assistant_content"),
                 ("\n", False),
             ]
 

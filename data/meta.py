@@ -68,8 +68,9 @@ KNOWN_KEYS = frozenset(
         "weight",
     }
 )
-#: What a dataset's samples are supervised on: every text token (pre-training) or assistant turns (SFT).
-SUPERVISIONS = ("all", "assistant")
+#: What a dataset's samples are supervised on: every text token (pre-training), assistant turns (SFT),
+#: or assistant turns without their ``<|im_end|>`` (a process reward model's ``+``/``-``, data/prm.py).
+SUPERVISIONS = ("all", "assistant", "assistant_content")
 
 
 class MetaError(ValueError):
@@ -90,7 +91,7 @@ class DatasetSpec:
     data_augment: bool = False
     length: int | None = None
     meta_path: Path | None = None
-    #: "all" | "assistant" | None (by record kind: text records "all", conversations "assistant").
+    #: One of SUPERVISIONS, or None (by record kind: text records "all", conversations "assistant").
     supervision: str | None = None
     #: Target share of an epoch's tokens (relative to the other datasets' weights); None: repeat_time alone.
     weight: float | None = None

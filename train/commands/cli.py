@@ -40,6 +40,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "markdown table + plot of a sweep's runs (e.g. the MPO ablation)",
     ),
     "make-pairs": ("vlmtune.train.commands.make_pairs", "main", "MPO pairs from a model's samples"),
+    "prm-data": ("vlmtune.train.commands.prm_data", "main", "PRM step labels by Monte-Carlo completions"),
+    "prm": ("vlmtune.train.commands.prm", "main", "train a process reward model (SFT on +/- verdicts)"),
+    "best-of-n": ("vlmtune.train.commands.best_of_n", "main", "Best-of-N by a PRM vs greedy, majority vote"),
     "check-data": (
         "vlmtune.train.commands.check_data",
         "main",

@@ -36,11 +36,14 @@ def one_step_versus_reference(
     layout: dict[int, list[list[dict]]],
     collate: Callable[[list[dict]], dict],
     zero_stage: int,
+    sequence_parallel: int = 1,
 ) -> None:
     """The gradient of all ``items`` as one batch in this process (``reference_objective``), then one
     step of the real loop over ``layout[rank]`` (2 micro-batches) with SGD(lr=1); rank 0 writes
     result.json (weight change vs reference gradient, its norm, whether ZeRO-3 partitioned every
-    parameter) and the loop's metrics.jsonl into ``out``."""
+    parameter) and the loop's metrics.jsonl into ``out``. ``sequence_parallel`` > 1: the run's model and
+    engine split sequences over groups of that many ranks (train/model/sequence_parallel.py), whose
+    ranks must be given the same micro-batches."""
     import deepspeed
     import torch.distributed as dist
 
@@ -57,6 +60,10 @@ def one_step_versus_reference(
     ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
+    if sequence_parallel > 1:
+        from vlmtune.train.model.sequence_parallel import enable_sequence_parallel
+
+        enable_sequence_parallel(model, sequence_parallel)
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:  # partition every parameter, however small (the tiny model's all are)
         zero["stage3_param_persistence_threshold"] = 0

@@ -37,7 +37,7 @@ DEEPSPEED_BUFFER_FACTOR = 1.5  # DeepSpeed's `additional_buffer_factor` default 
 
 @dataclass(frozen=True)
 class Layout:
-    """What the plan varies: the ZeRO layout, the GPUs, and the two knobs that trade activations."""
+    """What the plan varies: the ZeRO layout, the GPUs, and the knobs that trade activations."""
 
     zero_stage: int
     offload_optimizer: bool = False
@@ -46,6 +46,7 @@ class Layout:
     micro_batch_size: int = 1
     num_nodes: int = 1
     gpus_per_node: int = 8
+    sequence_parallel: int = 1  # GPUs splitting each pack along the sequence (train.sequence_parallel_size)
 
     @property
     def num_gpus(self) -> int:
@@ -59,6 +60,7 @@ class Layout:
             f"ZeRO-{self.zero_stage}, offload {'+'.join(offload) or 'none'}, gradient checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'}, micro-batch {self.micro_batch_size}, "
             f"{self.num_nodes} node(s) x {self.gpus_per_node} GPUs"
+            + (f", sequence parallel {self.sequence_parallel}" if self.sequence_parallel > 1 else "")
         )
 
 
@@ -103,6 +105,9 @@ def check_layout(layout: Layout) -> None:
         raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1 (ZeRO-Offload)")
     if layout.num_nodes < 1 or layout.gpus_per_node < 1 or layout.micro_batch_size < 1:
         raise ValueError("nodes, GPUs per node and micro-batch size must be >= 1")
+    from vlmtune.train.model.sequence_parallel import check_world
+
+    check_world(layout.sequence_parallel, layout.num_gpus)
 
 
 def model_state_bytes(
@@ -340,8 +345,15 @@ def activation_bytes(
     projector_trains: bool,
     reference_forward: bool = False,
     head_chunk_size: int = 0,
+    sequence_parallel: int = 1,
 ) -> dict[str, int]:
     """Per-GPU activation estimate for one micro-batch (an estimate: see the module docstring).
+
+    ``sequence_parallel`` P > 1 (train/model/sequence_parallel.py): the LLM runs on each pack's 1/P slice
+    (padded to a multiple of P; Ulysses' attention holds the whole sequence for 1/P of the heads: as many
+    bytes), and the LM head on the supervised positions of the slice, counted for the busiest GPU: at most
+    the slice's length (an answer after a long video may lie in one slice). The vision tower and projector
+    encode every tile on every GPU of the group, and the tree layout's mask is the whole row's: not divided.
 
     The LLM always keeps activations (gradients reach every trained part through it). The vision tower
     keeps them only when it trains (a frozen tower's forward stores nothing); the projector when it or
@@ -351,7 +363,8 @@ def activation_bytes(
     gradients while the policy's activations are alive (one layer and its own logits).
     """
     b = micro_batch_size
-    tokens, tiles, sup = work.tokens * b, work.tiles * b, work.supervised * b
+    slice_tokens = -(-work.tokens // sequence_parallel)
+    tokens, tiles, sup = slice_tokens * b, work.tiles * b, min(work.supervised, slice_tokens) * b
     llm = stack_activation_bytes(
         tokens, shapes.llm_layers, shapes.llm, act_bytes, checkpointing=checkpointing
     )
@@ -470,6 +483,7 @@ class Hardware:
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
     cpu_memory_gib: float | None = None  # per node; None: not checked
+    sequence_parallel: int | None = None  # None: the config's train.sequence_parallel_size
 
 
 @dataclass(frozen=True)
@@ -581,8 +595,15 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
         micro_batch_size=cfg.train.micro_batch_size,
         num_nodes=hardware.num_nodes,
         gpus_per_node=hardware.gpus_per_node,
+        sequence_parallel=hardware.sequence_parallel or cfg.train.sequence_parallel_size,
     )
     check_layout(layout)
+    if layout.sequence_parallel > 1:
+        from vlmtune.train.model.sequence_parallel import check_heads
+
+        text = model.config.text_config
+        heads = text.num_attention_heads
+        check_heads(layout.sequence_parallel, heads, getattr(text, "num_key_value_heads", None) or heads)
     pack_tokens = (
         cfg.packing.max_tokens if cfg.packing.enabled else (cfg.data.max_length or cfg.packing.max_tokens)
     )
@@ -599,6 +620,12 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
             else ""
         ),
     ]
+    if layout.sequence_parallel > 1:
+        notes.append(
+            f"sequence parallel {layout.sequence_parallel}: the LLM's activations are a 1/"
+            f"{layout.sequence_parallel} slice of each pack and the LM head at most the slice's positions; "
+            "the vision tower encodes every tile on every GPU of the group (not divided)"
+        )
     if cfg.lora.enabled and cfg.lora.quantize:
         notes.append("lora.quantize=4bit is not modelled: base weights are counted at 16 bits")
     model_size = model.config.vision_config.image_size
@@ -644,6 +671,7 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
             projector_trains=counts["trainable_by_part"]["projector"] > 0,
             reference_forward=ref_forward,
             head_chunk_size=cfg.model.head_chunk_size,
+            sequence_parallel=lay.sequence_parallel,
         )
 
     def gpu_total(lay: Layout) -> float:
@@ -668,7 +696,8 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
         model_states["estimator"]["function"] is not None and pc.trainable == pc.total and precision == "bf16"
     )
     per_gpu = gpu_total(layout)
-    sup = work.supervised * layout.micro_batch_size
+    slice_tokens = -(-work.tokens // layout.sequence_parallel)  # as activation_bytes: the busiest GPU's
+    sup = min(work.supervised, slice_tokens) * layout.micro_batch_size
     head = {
         "chunk_size": cfg.model.head_chunk_size,
         "bytes": logits_bytes(sup, shapes.vocab, act_bytes, cfg.model.head_chunk_size, shapes.llm.hidden),
@@ -808,6 +837,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     parser.add_argument("--cpu-memory", type=float, default=None, help="GiB per node (checked when given)")
+    parser.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=None,
+        help="GPUs splitting each pack along the sequence (default: train.sequence_parallel_size)",
+    )
     parser.add_argument("--images-per-pack", type=int, default=1, help="SFT, when packing.max_tiles is unset")
     parser.add_argument(
         "--supervised-fraction", type=float, default=0.25, help="SFT: share of tokens with a target"
@@ -834,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(
         cfg,
         method,
-        Hardware(args.nodes, args.gpus, args.gpu_memory, args.cpu_memory),
+        Hardware(args.nodes, args.gpus, args.gpu_memory, args.cpu_memory, args.sequence_parallel),
         Assumptions(args.images_per_pack, args.supervised_fraction, args.prompt_tokens, args.response_tokens),
     )
     print(format_plan(plan))

@@ -268,6 +268,7 @@ def build_starting_model(cfg: Any, tokenizer: Any, partitioned: bool, rank: int,
     """The policy, built so that a second build is identical (random init is seeded): under ZeRO-3 the
     MPO reference is such a second build (a partitioned model cannot be deep-copied)."""
     from vlmtune.train.model.build import build_model, count_parameters, num_image_tokens_per_tile, tile_size
+    from vlmtune.train.model.sequence_parallel import enable_sequence_parallel
     from vlmtune.train.model.v2pe import apply_v2pe_config
     from vlmtune.train.runtime.engine import resolve_precision
 
@@ -275,6 +276,7 @@ def build_starting_model(cfg: Any, tokenizer: Any, partitioned: bool, rank: int,
         torch.manual_seed(cfg.train.seed)
         built = build_model(cfg.model, tokenizer, lora)
         apply_v2pe_config(built, cfg.v2pe)  # V2PE's δ on the config: policy, reference, eval, export
+        enable_sequence_parallel(built, cfg.train.sequence_parallel_size)  # the LLM's attention, the group
         if resolve_precision(cfg.train.precision) == "bf16" and cfg.lora.quantize is None and not partitioned:
             built = built.to(torch.bfloat16)  # (zero.Init casts itself; QLoRA's 4-bit weights can't be cast)
         return built
@@ -309,8 +311,11 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
     from vlmtune.data.mixture import resolve_mixture
     from vlmtune.data.report import SkipCeiling, SkipReport
     from vlmtune.data.stream import MicroBatchStream
+    from vlmtune.train.model.sequence_parallel import data_parallel_rank
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    # the ranks of a sequence-parallel group read the same micro-batches: shard by data-parallel rank
+    dp_rank, dp_world = data_parallel_rank(rank, world, cfg.train.sequence_parallel_size)
     specs = load_meta(cfg.data.meta_path)
     processor = method.processor(cfg, tokenizer, tokens_per_tile)
     # weights -> samples per epoch, estimated by rank 0 alone and broadcast: every rank must shard the
@@ -324,8 +329,8 @@ def build_data(cfg: Any, method: Method, tokenizer: Any, tokens_per_tile: int, o
     stream = MicroBatchStream(
         loader.epoch_size,
         loader,
-        rank=rank,
-        world_size=world,
+        rank=dp_rank,
+        world_size=dp_world,
         micro_batch_size=cfg.train.micro_batch_size,
         packing=cfg.packing.enabled,
         max_tokens=cfg.packing.max_tokens,

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmtune.train.model.build import tile_size
 from vlmtune.train.model.lm_head import DEFAULT_CHUNK_SIZE, HEAD_CHUNK_ATTR
+from vlmtune.train.model.sequence_parallel import SequenceParallel, active_sequence_parallel, shard_row
 from vlmtune.train.model.unwrap import model_device_dtype, unwrap
 
 #: ``head(hidden [B, K, H], weight [V, H], bias [V] | None)``: what the LM head computes in its place.
@@ -96,6 +97,10 @@ def forward_logits(
     The model's V2PE δ applies here (`v2pe_inputs`), so every objective, the reference and evaluation
     see the same positions.
     ``image_outputs`` (from ``encode_images``) lets a caller encode the tiles once and reuse them.
+
+    Under sequence parallelism (`train.model.sequence_parallel.sequence_parallel_forward`) the positions,
+    V2PE ids and image features are those of the whole row, then this rank's slice goes through the
+    language model: ``keep`` must lie in the slice (``sequence_parallel.owned``) and the result covers it.
     """
     encoded, real = (
         image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
@@ -103,6 +108,7 @@ def forward_logits(
     position_ids, mask = v2pe_inputs(
         model, batch["input_ids"], batch["position_ids"], batch.get("attention_mask")
     )
+    sp = active_sequence_parallel()
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
         "position_ids": position_ids,
@@ -115,12 +121,14 @@ def forward_logits(
         kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
+    if real and batch.get("feature_index") is not None:  # the same images feed several sequences
+        encoded = BaseModelOutputWithPooling(pooler_output=encoded.pooler_output[batch["feature_index"]])
+    if sp is not None:
+        kwargs = _sequence_parallel_inputs(model, sp, kwargs, encoded if real else None)
+        if real:
+            encoded = BaseModelOutputWithPooling(pooler_output=kwargs.pop("features"))
     with head_replaced(model, head):
         if real:
-            if batch.get("feature_index") is not None:  # the same images feed several sequences
-                encoded = BaseModelOutputWithPooling(
-                    pooler_output=encoded.pooler_output[batch["feature_index"]]
-                )
             kwargs["mm_encoder_outputs"] = {"image": encoded}
             return model(**kwargs).logits
         # The zero is added by a hook on the embedding layer, inside the model's forward as on other
@@ -135,6 +143,36 @@ def forward_logits(
             return model(**kwargs).logits
         finally:
             hook.remove()
+
+
+def _sequence_parallel_inputs(
+    model: torch.nn.Module, sp: SequenceParallel, kwargs: dict[str, Any], encoded: Any
+) -> dict[str, Any]:
+    """``kwargs`` for this rank's slice of the row (`sequence_parallel.shard_row`), with the slice's
+    image features under ``features`` when ``encoded`` is given."""
+    config = unwrap(model).config
+    pad = getattr(config.text_config, "pad_token_id", None)
+    shard = shard_row(
+        sp,
+        kwargs["input_ids"],
+        kwargs["position_ids"],
+        kwargs["attention_mask"],
+        kwargs["logits_to_keep"],
+        None if encoded is None else encoded.pooler_output,
+        config.image_token_id,
+        0 if pad is None else pad,
+    )
+    out = dict(
+        kwargs,
+        input_ids=shard.input_ids,
+        position_ids=shard.position_ids,
+        attention_mask=None,
+        logits_to_keep=shard.keep,
+        ulysses=shard.ulysses,
+    )
+    if encoded is not None:
+        out["features"] = shard.features
+    return out
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import torch
 
 from vlmtune.train.model.forward import forward_logits, head_chunk_size
 from vlmtune.train.model.lm_head import token_logps, weighted_logp_sum
+from vlmtune.train.model.sequence_parallel import active_sequence_parallel, owned
 from vlmtune.train.objectives.losses import weighted_nll_sum
 
 
@@ -30,8 +31,27 @@ def forward_token_logps(
 
     Several targets may share a position (a shared prompt's last token predicts both answers' first).
     Long inputs go through the chunked head (train/model/lm_head.py); ``head_chunk_size`` 0 keeps the
-    full [B, len(keep), V] logits, the reference path.
+    full [B, len(keep), V] logits, the reference path. Under sequence parallelism (one row) a rank
+    computes the targets whose position lies in its slice and gives 0 for the others'.
     """
+    mine = owned(active_sequence_parallel(), keep, batch["input_ids"])
+    if mine is not None:
+        here = mine[rows]
+        local = _local_token_logps(
+            model, batch, keep[mine], (mine.cumsum(0) - 1)[rows[here]], targets[here], image_outputs
+        )
+        return local.new_zeros(rows.shape[0]).masked_scatter(here, local)
+    return _local_token_logps(model, batch, keep, rows, targets, image_outputs)
+
+
+def _local_token_logps(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    keep: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    image_outputs: tuple[Any, bool] | None,
+) -> torch.Tensor:
     chunk = head_chunk_size(model)
     if chunk == 0:
         logits = forward_logits(model, batch, keep, image_outputs)
@@ -52,7 +72,11 @@ def forward_weighted_nll(
 ) -> torch.Tensor:
     """sum of weights * -log p(targets) at positions ``keep`` ([B, len(keep)] each; IGNORE_INDEX gives 0):
     SFT's and pre-training's loss sum. Beyond ``head_chunk_size`` rows the chunked head computes it a
-    chunk of logits at a time, with its gradients made in the forward pass (no fourth matmul)."""
+    chunk of logits at a time, with its gradients made in the forward pass (no fourth matmul). Under
+    sequence parallelism (one row) it is the sum over this rank's slice."""
+    mine = owned(active_sequence_parallel(), keep, batch["input_ids"])
+    if mine is not None:
+        keep, targets, weights = keep[mine], targets[:, mine], weights[:, mine]
     chunk = head_chunk_size(model)
     if chunk == 0 or targets.numel() <= chunk:
         logits = forward_logits(model, batch, keep)

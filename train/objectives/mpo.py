@@ -17,6 +17,11 @@ import torch
 
 from vlmtune.data.token_weights import loss_normaliser
 from vlmtune.train.model.forward import batch_to_device, encode_images
+from vlmtune.train.model.sequence_parallel import (
+    active_sequence_parallel,
+    sequence_parallel_forward,
+    sp_all_reduce,
+)
 from vlmtune.train.objectives.logps import forward_token_logps
 from vlmtune.train.objectives.preference import RewardShift, bco_quality_loss, preference_loss
 
@@ -68,14 +73,18 @@ def resolve_layout(layout: str, attn_implementation: str) -> str:
 def response_logps(
     model: torch.nn.Module, batch: dict[str, Any], image_outputs: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Summed log-probs per pair and branch [B, 2], per response token log-probs [N], and the image encoding."""
+    """Summed log-probs per pair and branch [B, 2], per response token log-probs [N], and the image encoding.
+
+    Under sequence parallelism the token log-probs are this rank's slice's (0 elsewhere) and the sums are
+    all-reduced over the SP group, with a gradient: the preference terms are not linear in them.
+    """
     encoded = image_outputs if image_outputs is not None else encode_images(model, batch["pixel_values"])
     keep, index = torch.unique(batch["resp_pos"], return_inverse=True)
     token = forward_token_logps(model, batch, keep, index, batch["resp_target"], encoded)
     token = token * batch["resp_supervised"]
     seq = torch.zeros(batch["num_pairs"], 2, dtype=token.dtype, device=token.device)
     seq = seq.index_put((batch["resp_pair"], batch["resp_branch"]), token, accumulate=True)
-    return seq, token, encoded
+    return sp_all_reduce(seq, active_sequence_parallel()), token, encoded
 
 
 class MPOObjective:
@@ -101,15 +110,19 @@ class MPOObjective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         batch = batch_to_device(batch, model)
-        policy, token, encoded = response_logps(model, batch)
-        n_pairs, gen_norm = totals[0].item(), totals[1].item()
-        gen_sum = -(token * batch["gen_weights"]).sum()
+        with sequence_parallel_forward(model) as sp:  # the policy's forward and the reference's
+            policy, token, encoded = response_logps(model, batch)
+            if self.needs_reference:
+                with torch.no_grad():
+                    ref = self.reference(batch, encoded if self.share_vision else None)
+        # Terms of the group's (all-reduced) pair sums are the same on every SP rank: each carries 1/size
+        # of them, so that the shares add up over the group like the generation term's, a sum over tokens.
+        n_pairs = totals[0].item() * (sp.size if sp is not None else 1)
+        gen_norm = totals[1].item()
+        gen_sum = -(token * batch["gen_weights"]).sum()  # this rank's tokens (all of them without SP)
         loss = cfg.generation_weight * gen_sum / gen_norm
         metrics = {"loss/generation": gen_sum.item() / gen_norm}
         if self.needs_reference:
-            with torch.no_grad():
-                shared = encoded if self.share_vision else None
-                ref = self.reference(batch, shared)
             delta = self.shift.value
             four = (policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1])
             extra = {}
@@ -124,9 +137,10 @@ class MPOObjective:
                 loss = loss + cfg.preference_weight * pref.losses.sum() / n_pairs
             if cfg.quality_weight:
                 loss = loss + cfg.quality_weight * quality.losses.sum() / n_pairs
-            self._step_rewards.append(
-                torch.cat([pref.chosen_rewards, pref.rejected_rewards]).detach().double().cpu()
-            )
+            if sp is None or sp.rank == 0:  # the group's rewards once
+                self._step_rewards.append(
+                    torch.cat([pref.chosen_rewards, pref.rejected_rewards]).detach().double().cpu()
+                )
             chosen, rejected = pref.chosen_rewards, pref.rejected_rewards
             metrics.update(
                 {

@@ -13,11 +13,16 @@ import torch
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.token_weights import loss_normaliser
 from vlmtune.train.model.forward import batch_to_device
+from vlmtune.train.model.sequence_parallel import sequence_parallel_forward
 from vlmtune.train.objectives.logps import forward_weighted_nll
 
 
 class SFTObjective:
-    """Next-token loss on the labelled tokens; the LM head runs only where a target exists (chunked when long)."""
+    """Next-token loss on the labelled tokens; the LM head runs only where a target exists (chunked when long).
+
+    Under sequence parallelism each rank of the group returns the loss of its slice's tokens over the
+    whole step's normaliser: the shares (and their gradients) sum over the group to the un-split loss.
+    """
 
     def __init__(self, reduction: str) -> None:
         self.reduction = reduction
@@ -31,7 +36,8 @@ class SFTObjective:
         batch = batch_to_device(batch, model)
         targets, weights = batch["targets"], batch["weights"]
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # sequence positions with a target
-        loss_sum = forward_weighted_nll(model, batch, keep, targets[:, keep], weights[:, keep])
+        with sequence_parallel_forward(model):  # a rank of an SP group: its slice's share of the sum
+            loss_sum = forward_weighted_nll(model, batch, keep, targets[:, keep], weights[:, keep])
         loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
         return loss, {"loss": loss.item()}
 

@@ -96,6 +96,10 @@ class TrainConfig:
     micro_batch_size: int = 1  # packs per micro-batch (packing on) or samples (packing off)
     gradient_accumulation_steps: int = 1
     loss_reduction: str = "square"  # token | sample | square (data/token_weights.py)
+    #: ranks that split each packed row along the sequence (DeepSpeed-Ulysses, train/model/sequence_parallel.py):
+    #: they read the same micro-batches, so the data-parallel world is world / this. Needs packing, the LLM's
+    #: heads and KV heads divisible (or KV heads dividing it), and packed_sdpa or packed_varlen attention.
+    sequence_parallel_size: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     num_workers: int = 0  # DataLoader processes decoding and tiling images ahead of the loop
     #: stop the run when more than this fraction of the last ``skip_window`` samples of a rank were
@@ -146,6 +150,16 @@ class SFTRunConfig:
     prepare_demo: bool = (
         False  # demo presets only: generate their data and tiny checkpoint first (train/demo/)
     )
+
+    def __post_init__(self) -> None:
+        """Refuse at start what sequence parallelism cannot split (the rest: the model's build)."""
+        size = self.train.sequence_parallel_size
+        if size < 1:
+            raise ValueError(f"train.sequence_parallel_size must be >= 1, got {size}")
+        if size > 1 and not self.packing.enabled:
+            raise ValueError(
+                f"train.sequence_parallel_size={size} splits one packed row: set packing.enabled=true"
+            )
 
 
 @dataclass

@@ -81,7 +81,14 @@ def resolve_precision(precision: str) -> str:
 
 
 def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run, generated from the structured config."""
+    """The DeepSpeed JSON for this run, generated from the structured config.
+
+    Sequence parallelism needs nothing here: each rank's loss is its share of the group's, so DeepSpeed's
+    ordinary average over all ranks is right (train/model/sequence_parallel.py); the world must divide.
+    """
+    from vlmtune.train.model.sequence_parallel import check_world
+
+    check_world(train.sequence_parallel_size, world_size)
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage must be 0-3, got {ds.zero_stage}")
     if ds.offload_param and ds.zero_stage != 3:

@@ -6,6 +6,11 @@ Each micro-batch loss is the share of the step loss it carries, scaled by ``gas 
 DeepSpeed divides by ``gas`` in backward and averages gradients over ranks: the sum of shares is
 exactly the step's weighted mean, however the samples were split.
 
+With sequence parallelism (train/model/sequence_parallel.py) the ranks of an SP group draw the same
+micro-batches and each carries the share of its slice of the sequence, so the shares and the scale stay
+as they are; what the micro-batches themselves count (normalisers, tokens, samples, skips) is counted
+once per group, by its first rank.
+
 The realised data mixture is logged too: ``tokens/<dataset>`` is the tokens (text + image) each
 dataset contributed, summed over ranks, since the previous metrics line, so the sum over the file's
 lines is the run's total per dataset (`train.metrics.MetricsLogger` adds the cumulative shares).
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vlmtune.train.model.sequence_parallel import sequence_parallel_of
 from vlmtune.train.objectives import Objective
 from vlmtune.train.runtime.checkpoint import save_checkpoint
 from vlmtune.train.runtime.metrics import MetricsLogger
@@ -118,6 +124,8 @@ def train_loop(
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    sp = sequence_parallel_of(engine)
+    once = 1.0 if sp is None or sp.rank == 0 else 0.0  # what an SP group's ranks share, counted once
     gas = gradient_accumulation_steps
     step = start_step
     names = list(dataset_names)
@@ -129,7 +137,9 @@ def train_loop(
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # this step's rate: the scheduler moves on inside its last engine.step()
         batches = [collate(next(micro_batches)) for _ in range(gas)]
-        totals = all_reduce_sum(torch.stack([objective.weight_totals(b) for b in batches]).sum(0).double())
+        totals = all_reduce_sum(
+            torch.stack([objective.weight_totals(b) for b in batches]).sum(0).double() * once
+        )
         sums: dict[str, float] = {}
         grad_norm = None
         skipped_before = getattr(engine, "skipped_steps", 0)
@@ -146,9 +156,9 @@ def train_loop(
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             for k in ("num_tokens", "num_samples", "num_slots"):
-                sums[k] = sums.get(k, 0.0) + float(batch[k])
+                sums[k] = sums.get(k, 0.0) + float(batch[k]) * once
             text_only = float(batch["pixel_values"].numel() == 0)  # its vision pass ran on a blank tile
-            sums["text_only_micro_batches"] = sums.get("text_only_micro_batches", 0.0) + text_only
+            sums["text_only_micro_batches"] = sums.get("text_only_micro_batches", 0.0) + text_only * once
         # the same on every rank: ZeRO-0 sees the averaged gradients, ZeRO 1-3 agree inside DeepSpeed
         nonfinite = getattr(engine, "skipped_steps", 0) > skipped_before
         objective.on_step_end(applied=not nonfinite)
@@ -169,9 +179,9 @@ def train_loop(
             nonfinite_run = 0
         keys = sorted(sums)
         asked = float(stop is not None and stop.requested(watch_file=rank == 0))
-        head = [sums[k] for k in keys] + [float(skipped_count()), asked]
+        head = [sums[k] for k in keys] + [float(skipped_count()) * once, asked]
         reduced = all_reduce_sum(
-            torch.cat([torch.tensor(head, dtype=torch.float64), dataset_tokens(batches, names)])
+            torch.cat([torch.tensor(head, dtype=torch.float64), dataset_tokens(batches, names) * once])
         )
         stopping = reduced[len(keys) + 1].item() > 0 and step < max_steps  # one rank's request stops all
         pending += reduced[len(keys) + 2 :]

@@ -298,3 +298,39 @@ def test_cli_mpo_reference(tmp_path, reference, shards) -> None:
     assert plan["workload"]["supervised"] == mpo["pairs_per_pack"]["tree"] * 2 * r
     s = plan["workload"]["tokens"]  # bool mask once + its bf16 additive copy in the one recomputed layer
     assert plan["layout"]["gradient_checkpointing"] and plan["activations"]["tree_mask"] == s * s * (1 + 2)
+
+
+def test_cli_sequence_parallel_divides_llm_activations_and_lm_head_by_hand(tmp_path) -> None:
+    """A 64k-token pack (a 64-frame video: 64 tiles) on InternVL3-38B, ZeRO-3 on 8 GPUs, bf16, gradient
+    checkpointing, LM head 1024 rows at a time. With `--sequence-parallel 8` each GPU runs the LLM on an
+    8192-token slice: 64 layers x 8192 tokens x 2 B x 5120 kept inputs, plus one recomputed layer and half
+    a layer of backward working set at 327,680 B/token (test_activation_formula_by_hand), 1/8 of the
+    un-split 65536-token figure. The LM head: at most the slice's 8192 positions on the busiest GPU, so a
+    quarter supervised (16384 positions, maybe all in one slice) and fully supervised give the same
+    8192-row figure: one 1024-row chunk (logits 2 B + fp32 copy + gradient, 10 B per vocab entry), the head
+    weight's fp32 gradient and per position a log-sum-exp and an fp32 hidden gradient. Vision and model
+    states are not divided; 16-way would not divide the 40 heads."""
+    v, h, layer = 151_674, 5120, 327_680
+
+    def plan(sp: int, fraction: float) -> dict:
+        out = tmp_path / f"plan_{sp}_{fraction}.json"
+        argv = ["model=internvl3_38b", "deepspeed=zero3", "packing.max_tokens=65536", "packing.max_tiles=64"]
+        args = ["--sequence-parallel", str(sp), "--supervised-fraction", str(fraction), "--out", str(out)]
+        assert main([*argv, *args]) == 0
+        return json.loads(out.read_text())
+
+    one, split, quarter = plan(1, 1.0), plan(8, 1.0), plan(8, 0.25)
+    assert split["layout"]["sequence_parallel"] == 8 and split["workload"]["tokens"] == 65536
+    assert one["activations"]["llm"] == 64 * 65536 * 2 * h + 65536 * layer * 3 // 2
+    assert split["activations"]["llm"] == 64 * 8192 * 2 * h + 8192 * layer * 3 // 2 == 9_395_240_960
+    assert one["activations"]["llm"] == 8 * split["activations"]["llm"]
+    head_8192 = 1024 * v * 10 + v * h * 4 + 8192 * (4 + 4 * h)
+    assert split["lm_head"]["bytes"] == split["activations"]["logits"] == head_8192
+    assert quarter["lm_head"]["bytes"] == quarter["activations"]["logits"] == head_8192
+    assert one["lm_head"]["bytes"] == 1024 * v * 10 + v * h * 4 + 65536 * (4 + 4 * h)
+    assert split["activations"]["vision"] == one["activations"]["vision"] > 0
+    assert split["model_states"] == one["model_states"]
+    saved = sum(one["activations"][k] - split["activations"][k] for k in ("llm", "logits"))
+    assert one["per_gpu_bytes"] - split["per_gpu_bytes"] == pytest.approx(saved)
+    with pytest.raises(ValueError, match="does not divide the LLM's 40 attention heads"):
+        main(["model=internvl3_38b", "deepspeed=zero3", "--sequence-parallel", "16", "--gpus", "16"])

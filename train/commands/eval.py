@@ -2,8 +2,11 @@
 
 ``vlmtune`` (the default): the held-out figures of an exported model through vlmtune's own pipeline,
 prompted with the settings it was trained with (its vlmtune.json), equal to the ones written at the
-end of training. ``transformers`` / ``vllm``: the same questions through plain transformers
-(`AutoProcessor`, the export's chat template, `generate`) or vLLM, as users serve the model. With
+end of training, the repetition figures included (``truncated_rate``: answers cut at
+``--max-new-tokens``; ``repeated_ngram_rate``: answers repeating a 4-gram of tokens;
+train/runtime/evaluate.py). ``transformers`` / ``vllm``: the same questions through plain
+transformers (`AutoProcessor`, the export's chat template, `generate`) or vLLM, as users serve the
+model. With
 several engines the output adds how often each agrees with vlmtune's greedy answers and the first
 questions where they differ, with their inputs.
 """

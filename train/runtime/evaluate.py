@@ -7,6 +7,11 @@ A meta file with several datasets also gets the scores of each (``per_dataset``)
 measure a new domain and the forgetting of an old one in the same pass (the LoRA demo does).
 Text records (``{"text": ...}``, pre-training corpora) in the meta file are scored by held-out
 perplexity instead (train/runtime/perplexity.py: ``text_perplexity``, ``text_nll``).
+
+Two repetition figures sit beside the accuracy, since models that loop after preference training are a
+known complaint (InternVL issue #1241): ``truncated_rate``, the share of answers that ran into
+``max_new_tokens`` instead of ending with the stop token, and ``repeated_ngram_rate``, the share of
+answers in which some n-gram of tokens (``REPEAT_NGRAM``) occurs at least twice (`has_repeated_ngram`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,47 @@ def split_prompt_answer(sample: dict, tokenizer: Any) -> tuple[torch.Tensor, str
     return prompt, answer, question
 
 
-@torch.no_grad()
+#: The n of the repeated n-gram rate: 4 tokens is short enough to catch a one-word answer said over
+#: and over ("red red red red red") within the demo's 8-token limit, long enough that a real answer
+#: rarely repeats one by chance (repeated bigrams are common in ordinary prose).
+REPEAT_NGRAM = 4
+
+
+def answer_tokens(row: list[int], stop_id: int) -> tuple[list[int], bool]:
+    """(the generated tokens before the stop token, whether the answer ended by itself): a row without
+    the stop token ran into ``max_new_tokens`` (what comes after a stop is padding)."""
+    if stop_id in row:
+        return row[: row.index(stop_id)], True
+    return row, False
+
+
+def has_repeated_ngram(tokens: list[int], n: int = REPEAT_NGRAM) -> bool:
+    """Whether some ``n`` consecutive tokens occur at least twice in ``tokens`` (overlaps count:
+    ``a a a a a`` holds ``a a a a`` twice).
+
+    A yes/no per answer, so that the rate over answers reads as "the share of answers that loop" and
+    does not grow with answer length the way a mean fraction of repeated n-grams per answer would.
+    """
+    seen: set[tuple[int, ...]] = set()
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def repetition_scores(records: list[dict], n: int = REPEAT_NGRAM) -> dict[str, float]:
+    """``truncated_rate`` and ``repeated_ngram_rate`` over records carrying ``finished`` and
+    ``prediction_tokens`` (`evaluate_accuracy`'s); the n-gram's n under ``repeated_ngram_n``."""
+    total = max(1, len(records))
+    return {
+        "truncated_rate": sum(not r["finished"] for r in records) / total,
+        "repeated_ngram_rate": sum(has_repeated_ngram(r["prediction_tokens"], n) for r in records) / total,
+        "repeated_ngram_n": n,
+    }
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -48,8 +93,26 @@ def generate_answers(
     max_new_tokens: int,
     synced: bool,
 ) -> list[str]:
-    """Greedy answers for one batch (left-padded prompts; tiles concatenated in sample order), with the
-    model's V2PE positions (train/model/v2pe.py) as in training."""
+    """Greedy answers for one batch as text (`generate_tokens`, decoded)."""
+    rows = generate_tokens(
+        model, tokenizer, samples, prompts, blank=blank, max_new_tokens=max_new_tokens, synced=synced
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    samples: list[dict],
+    prompts: list[torch.Tensor],
+    *,
+    blank: bool,
+    max_new_tokens: int,
+    synced: bool,
+) -> list[list[int]]:
+    """The generated token ids of one batch, greedy (left-padded prompts; tiles concatenated in sample
+    order), with the model's V2PE positions (train/model/v2pe.py) as in training."""
     from vlmtune.train.model.unwrap import model_device_dtype, unwrap
     from vlmtune.train.model.v2pe import prompt_position_ids
 
@@ -80,7 +143,7 @@ def generate_answers(
         synced_gpus=synced,
         **kwargs,
     )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return [row[width:].tolist() for row in out]
 
 
 def evaluate_accuracy(
@@ -115,6 +178,7 @@ def evaluate_accuracy(
     mine = samples[rank::world]
     n_batches = -(-len(samples) // (batch_size * world))  # same count on every rank (ZeRO-3 generate syncs)
     synced = world > 1
+    stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)  # correct, correct_blank, total
@@ -126,13 +190,17 @@ def evaluate_accuracy(
             batch = samples[:1]
         parts = [split_prompt_answer(s, tokenizer) for s in batch]
         prompts = [p for p, _, _ in parts]
-        preds = generate_answers(
+        rows = generate_tokens(
             model, tokenizer, batch, prompts, blank=False, max_new_tokens=max_new_tokens, synced=synced
         )
+        tokens = [answer_tokens(row, stop_id) for row in rows]
+        preds = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
         blank = generate_answers(
             model, tokenizer, batch, prompts, blank=True, max_new_tokens=max_new_tokens, synced=synced
         )
-        for s, (_, answer, question), pred, pred_blank in list(zip(batch, parts, preds, blank))[:real]:
+        for s, (_, answer, question), pred, pred_blank, (ids, finished) in list(
+            zip(batch, parts, preds, blank, tokens)
+        )[:real]:
             ok = answers_match(pred, answer, match)
             ok_blank = answers_match(pred_blank, answer, match)
             counts += torch.tensor([ok, ok_blank, 1.0], dtype=torch.float64)
@@ -144,6 +212,8 @@ def evaluate_accuracy(
                     "answer": answer,
                     "prediction": pred,
                     "blank_prediction": pred_blank,
+                    "finished": finished,
+                    "prediction_tokens": ids,
                 }
             )
     if was_training:
@@ -159,6 +229,7 @@ def evaluate_accuracy(
         "blank_image_accuracy": counts[1].item() / total,
         "majority_baseline": majority_baseline(records),
         "num_samples": int(counts[2].item()),
+        **repetition_scores(records),
     }
     if len(specs) > 1:
         results["per_dataset"] = per_dataset_scores(records, match)

@@ -1,10 +1,10 @@
-"""Benchmark the chunked LM head (train/model/lm_head.py) against the current full-logits path.
+"""Benchmark the chunked LM head (train/model/lm_head.py) against the full-logits path.
 
 InternVL3-1B's head at its real shape (hidden 896, vocabulary 151,674; random weights) on N fully
 supervised tokens: one forward + backward of the SFT-form loss (a weighted sum of -log p, "token"
 weights 1/N). Three sides:
 
-  full     the current path (objectives/losses.py): ``weighted_nll_sum(F.linear(hidden, W), ...)``,
+  full     the full-logits path (``model.head_chunk_size=0``): ``weighted_nll_sum(F.linear(hidden, W), ...)``,
            i.e. cross-entropy on the [N, V] fp32 logits
   chunked  ``-(chunked_token_logps(hidden, W, targets) * weights).sum()``: a chunk of rows at a time,
            the backward recomputing each chunk's logits (exact for any per-token upstream: MPO's too)

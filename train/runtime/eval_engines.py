@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,16 +220,30 @@ def vllm_answers(
         )
         env = {**os.environ, "PYTHONPATH": ""}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: tiny exports need little
-        proc = subprocess.run(
-            [str(python), str(worker), str(request), str(reply)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
+        cmd = [str(python), str(worker), str(request), str(reply)]
+        with vllm_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+            _, stderr = proc.communicate(timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"vLLM failed on {model_dir} ({proc.returncode}):\n{proc.stderr[-6000:]}")
+            raise RuntimeError(f"vLLM failed on {model_dir} ({proc.returncode}):\n{stderr[-6000:]}")
         return json.loads(reply.read_text())["answers"]
+
+
+@contextmanager
+def vllm_process(cmd: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Popen]:
+    """A vLLM worker in a process group of its own, the whole group killed on the way out.
+
+    vLLM runs its engine in child processes (EngineCore, workers): killing only the worker (a timeout, a
+    consumer that stops early) or a worker that exits without shutting its engine down left them
+    running, orphaned, each holding gigabytes."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        proc.wait()
 
 
 def against_vlmtune(

@@ -41,6 +41,7 @@ from vlmtune.train.runtime.eval_engines import (
     has_original_config,
     load_images,
     vllm_missing_message,
+    vllm_process,
     vllm_python,
 )
 
@@ -381,16 +382,12 @@ class VLLMEngine:
             )
             env = {**os.environ, "PYTHONPATH": ""}
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: tiny exports need little
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen(
-                    [str(self.python), str(worker), str(request_path)],
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    text=True,
-                    env=env,
-                )
             got = 0
-            try:
+            cmd = [str(self.python), str(worker), str(request_path)]
+            with (
+                open(log_path, "w") as log,
+                vllm_process(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env) as proc,
+            ):
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     if line.startswith(VLLM_RESULT_MARK):
@@ -398,10 +395,6 @@ class VLLMEngine:
                         got += 1
                         yield samples * (settings.n // rows)
                 code = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
             if code != 0 or got != len(requests):
                 tail = log_path.read_text()[-6000:]
                 raise RuntimeError(

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from tests.train.e2e import run_sft
 from vlmtune.train.demo.prepare import generate_demo_data, prepare_mpo_demo
 
 
+# slow: the on-policy demo's test (test_mpo_onpolicy_demo.py) trains the same demo_mpo settings on the
+# weak model's own pairs and asserts their provenance and the gain; this one runs with --runslow
+@pytest.mark.slow
 def test_mpo_demo_raises_held_out_accuracy(tmp_path, monkeypatch):
     """`prepare_mpo_demo` as the demo runs it (50 SFT steps, one-word pairs), fewer pairs and MPO steps.
 

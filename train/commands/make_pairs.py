@@ -68,6 +68,8 @@ class PairsConfig:
     world_size: int = 1
     #: How long a rank waits for the others' shards (flags mode) or at the barrier (torchrun), seconds.
     wait_timeout: float = 7 * 24 * 3600
+    #: "jsonl" (MMPR annotation files) or "hf" (a Hugging Face dataset per input dataset, save_to_disk).
+    format: str = "jsonl"
 
     def settings(self) -> SamplingSettings:
         return SamplingSettings(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
@@ -342,10 +344,16 @@ def write_pairs(
                 record["answer"] = p.question.answer
             record["provenance"] = p.provenance
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        (out / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
-        entry: dict[str, Any] = {
-            "root": str(spec.root.resolve()),
-            "annotation": f"{name}.jsonl",
+        entry: dict[str, Any] = {"root": str(spec.root.resolve())}
+        if cfg.format == "hf":  # the same records as a dataset, read back through meta's hf_dataset entry
+            import datasets
+
+            datasets.Dataset.from_list([json.loads(line) for line in lines]).save_to_disk(str(out / name))
+            entry["hf_dataset"] = name
+        else:
+            (out / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
+            entry["annotation"] = f"{name}.jsonl"
+        entry |= {
             "data_augment": spec.data_augment,
             "repeat_time": 1,
             "length": len(mine),
@@ -420,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None, help="this process's rank, with --world-size")
     parser.add_argument("--world-size", type=int, default=None, help="ranks sharing --out (else torchrun's)")
     parser.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for ranks")
+    parser.add_argument(
+        "--format", default="jsonl", choices=("jsonl", "hf"), help="jsonl files, or Hugging Face datasets"
+    )
     args = parser.parse_args(argv)
     if (args.rank is None) != (args.world_size is None) or (
         args.world_size is not None and not 0 <= args.rank < args.world_size
@@ -446,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         rank=rank,
         world_size=world,
         wait_timeout=args.wait_timeout,
+        format=args.format,
     )
     try:
         load_meta(cfg.meta)

@@ -275,3 +275,36 @@ def test_the_command_writes_resumes_and_is_registered(questions_meta, tmp_path, 
     assert (tmp_path / "out" / "shapes_eval_correctness.jsonl").read_bytes() == written
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["settings"]["n"] == 4 and summary["model"] == str(tmp_path.resolve())
+
+
+def test_pairs_written_as_hugging_face_datasets_read_back_as_the_jsonl_ones(questions_meta, tmp_path):
+    """``--format hf``: each MMPR set saved with ``save_to_disk`` and named by an ``hf_dataset`` entry; read
+    through the meta file (the path `vlmtune mpo` takes) its records are the jsonl output's, and check-data
+    reports the same counts."""
+    import datasets
+
+    from vlmtune.data.meta import load_meta, record_source
+
+    settings = {"n": 6, "match": "marker", "max_pairs_per_question": 2, "seed": 3}
+    make_pairs(config(questions_meta, tmp_path / "jsonl", **settings), ScriptedEngine(correctness_script))
+    make_pairs(
+        config(questions_meta, tmp_path / "hf", format="hf", **settings), ScriptedEngine(correctness_script)
+    )
+    meta = json.loads((tmp_path / "hf" / "meta.json").read_text())
+    assert all("hf_dataset" in e and "annotation" not in e for e in meta.values())
+    ours = {s.name: s for s in load_meta(tmp_path / "hf" / "meta.json")}
+    theirs = {s.name: s for s in load_meta(tmp_path / "jsonl" / "meta.json")}
+    assert ours.keys() == theirs.keys()
+    for name, spec in ours.items():
+        a, b = record_source(spec), record_source(theirs[name])
+        assert a.num_records == b.num_records > 0
+        rows = datasets.load_from_disk(str(tmp_path / "hf" / meta[name]["hf_dataset"]))
+        for k in range(a.num_records):
+            got, want = a.read(k), b.read(k)  # what the pair loader reads: question, answers, image
+            assert {"question", "chosen", "rejected"} <= got.keys()
+            assert got == {key: want[key] for key in got}
+            assert rows[k]["provenance"] == want["provenance"]  # kept in the dataset, as in the jsonl
+    assert (
+        check(tmp_path / "hf" / "meta.json", tmp_path)["totals"]
+        == check(tmp_path / "jsonl" / "meta.json", tmp_path)["totals"]
+    )

@@ -14,7 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from vlmtune.train.model.build import ModelConfig, build_model, count_parameters  # noqa: E402
 from vlmtune.train.runtime.config import DeepSpeedConfig, OptimConfig, TrainConfig  # noqa: E402
-from vlmtune.train.runtime.engine import build_ds_config, init_distributed, partitioned_construction  # noqa: E402
+from vlmtune.train.runtime.engine import (  # noqa: E402
+    build_ds_config,
+    init_distributed,
+    param_groups,
+    partitioned_construction,
+)
 
 
 def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,6 +46,8 @@ def main(ckpt: Path, out: Path) -> None:
         result["counts"] = count_parameters(loaded)
         result["local_numel"] = sum(p.numel() for p in loaded.parameters())
         result["held_numel"] = sum(p.ds_tensor.numel() for p in loaded.parameters())
+        names = {id(p): n for n, p in loaded.named_parameters()}
+        result["no_decay"] = sorted(names[id(p)] for p in param_groups(loaded, 0.1)[1]["params"])
         weights = gathered(loaded)
         random_cfg = ModelConfig(**{k: v for k, v in _tiny_shapes(ckpt).items()})
         torch.manual_seed(3)

@@ -347,13 +347,24 @@ def resume(engine: Any, objective: Objective, data: TrainData, out_dir: Path, ta
     """Restore checkpoint ``tag`` (model, optimizer, data position, skips, objective state); returns the
     step to continue from (0 for a fresh run, ``tag`` None)."""
     from vlmtune.train.runtime.checkpoint import load_checkpoint
+    from vlmtune.train.runtime.elastic import rank_states
 
     if tag is None:
         return 0
-    shared, per_rank = load_checkpoint(engine, out_dir, tag)
+    world = dist.get_world_size()  # a checkpoint of another world size: its per-rank states re-dealt
+    shared, per_rank = load_checkpoint(
+        engine, out_dir, tag, reshard=lambda old: rank_states(old, world, data.stream.epoch_size)
+    )
+    if dist.get_rank() == 0:  # the skip logs of ranks this run does not have: replayed by rank r mod world
+        for path in out_dir.glob("skipped_rank*.jsonl"):
+            if int(path.stem.removeprefix("skipped_rank")) >= world:
+                path.unlink()
     data.stream.load_state_dict(per_rank["stream"])
     for e in per_rank.get("skipped", []):
-        data.report.skip(e["dataset"], f"{e['file']}:{e['line']}", e["reason"], e["detail"])
+        source = (
+            e["file"] if e["line"] is None else f"{e['file']}:{e['line']}"
+        )  # "PATH[split]:row N" has none
+        data.report.skip(e["dataset"], source, e["reason"], e["detail"])
     if "objective" in shared:
         objective.load_state_dict(shared["objective"])
     if dist.get_rank() == 0:
@@ -420,6 +431,7 @@ def _train(
     cfg: Any, method: Method, rank: int, world: int, ds_config: dict, partitioned: bool
 ) -> dict[str, Any]:
     from vlmtune.train.runtime.checkpoint import resume_tag, run_fingerprint
+    from vlmtune.train.runtime.elastic import prepare_resume
     from vlmtune.train.runtime.engine import create_engine
     from vlmtune.train.runtime.loop import train_loop
     from vlmtune.train.runtime.metrics import MetricsLogger
@@ -427,6 +439,7 @@ def _train(
     out_dir = setup_output_dir(cfg, rank)
     fingerprint = run_fingerprint(cfg, world)  # before resolve_pretrained: the settings as the user gave them
     tag = resume_tag(out_dir, fingerprint) if cfg.train.resume else None  # refused here, before any model
+    ds_config = prepare_resume(out_dir, tag, ds_config, world)  # another world size: converted here
     resolve_pretrained(cfg, out_dir, rank)
     tokenizer = load_tokenizer(cfg)
     check_chat_format(tokenizer, f"{cfg.model.tokenizer or cfg.model.pretrained}")

@@ -8,16 +8,21 @@ that file: a checkpoint interrupted half-way is never the one resumed from.
 
 Our per-rank state (data position, skips, RNG) is JSON; what stays pickled is DeepSpeed's own
 checkpoint format (model, optimizer, and the shared client state it stores with them).
+
+A checkpoint written by another number of ranks is loaded from its DeepSpeed universal conversion
+(``step_N/universal``, made by `train.runtime.elastic`), the per-rank states re-dealt by the caller.
 """
 
 from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ import torch.distributed as dist
 from vlmtune.train.runtime.engine import on_rank0
 
 POINTER = "complete"
+UNIVERSAL = "universal"  # step_N/universal: DeepSpeed's universal form of step_N, for another world size
 
 
 def _tag(step: int) -> str:
@@ -160,8 +166,9 @@ def _last_size(ckpt_root: Path, tag: str | None) -> int:
     if tag is None or dist.get_rank() != 0:
         return 0
     path = ckpt_root / tag
-    if path not in _SIZES:
-        _SIZES[path] = directory_bytes(path)
+    if path not in _SIZES:  # its universal conversion (an elastic resume's) is not part of the next one
+        converted = path / UNIVERSAL
+        _SIZES[path] = directory_bytes(path) - (directory_bytes(converted) if converted.is_dir() else 0)
     return _SIZES[path]
 
 
@@ -213,35 +220,107 @@ def _adapters_only(engine: Any) -> bool:
     return peft_model_of(engine) is not None
 
 
-def load_checkpoint(engine: Any, out_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore DeepSpeed state and return (shared, per_rank) states; RNG is restored here."""
+def saved_world_size(ckpt_dir: Path) -> int:
+    """How many ranks wrote ``ckpt_dir``: its per-rank state files, which must be ranks 0..n-1."""
+    ranks = sorted(
+        int(f.stem.removeprefix("vlmtune_rank")) for f in Path(ckpt_dir).glob("vlmtune_rank*.json")
+    )
+    if ranks != list(range(len(ranks))) or not ranks:
+        missing = sorted(set(range(max(ranks, default=0) + 1)) - set(ranks)) or [0]
+        legacy = _rank_file(Path(ckpt_dir), missing[0]).with_suffix(".pt")
+        if legacy.exists():
+            raise RuntimeError(
+                f"{legacy}: per-rank state pickled by an older vlmtune, which is not loaded (unpickling can run "
+                "code); resume with that version, or start over"
+            )
+        raise RuntimeError(
+            f"{ckpt_dir}: the per-rank state of rank(s) {missing} is missing (vlmtune_rank*.json); the checkpoint "
+            "is incomplete: restore it, or remove checkpoints/complete to start over"
+        )
+    return len(ranks)
+
+
+def load_checkpoint(
+    engine: Any,
+    out_dir: Path,
+    tag: str,
+    reshard: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore DeepSpeed state and return (shared, per_rank) states; RNG is restored here.
+
+    An engine configured with ``checkpoint.load_universal`` loads ``tag/universal`` (the checkpoint of
+    another world size, converted). When the checkpoint's ranks are not this run's, rank 0 reads every
+    old rank's state and ``reshard`` maps them to one state per new rank (broadcast)."""
     ckpt_root = Path(out_dir) / "checkpoints"
+    universal = engine.load_universal_checkpoint()
     load_path, client = engine.load_checkpoint(
-        str(ckpt_root),
-        tag=tag,
+        str(ckpt_root / tag) if universal else str(ckpt_root),
+        tag=UNIVERSAL if universal else tag,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
         load_module_strict=not _adapters_only(engine),
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
-    rank_file = _rank_file(ckpt_root / tag, dist.get_rank())
-    if not rank_file.exists():
-        if rank_file.with_suffix(".pt").exists():
-            raise RuntimeError(
-                f"{rank_file.with_suffix('.pt')}: per-rank state pickled by an older vlmtune, which is not "
-                "loaded (unpickling can run code); resume with that version, or start over"
-            )
-        raise RuntimeError(
-            f"{rank_file} is missing: was the world size changed since the checkpoint was written?"
-        )
-    per_rank = json.loads(rank_file.read_text())
+    if universal and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine, ckpt_root / tag / UNIVERSAL)
+    per_rank = _rank_state(ckpt_root / tag, reshard)
     set_rng_state(per_rank.pop("rng"))
     return client["vlmtune"], per_rank
 
 
+def _repair_zero3_universal_load(engine: Any, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3; its ZeRO-1/2 load has neither) when the optimizer
+    has more than one parameter group (decay / no decay): every group gets the first group's
+    hyperparameters, which would decay biases and norms, and every group's state the same ``step`` tensor,
+    which Adam then advances once per group each step (the later groups' bias correction runs ahead).
+    Each group's hyperparameters come back from the checkpoint, each state gets its own step."""
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    optimizer = engine.optimizer.optimizer
+    if len(optimizer.param_groups) != len(saved["param_groups"]):
+        raise RuntimeError(
+            f"{universal_dir}: {len(saved['param_groups'])} optimizer parameter groups saved, "
+            f"{len(optimizer.param_groups)} now: the trained parameters differ from the checkpoint's"
+        )
+    for group, loaded in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in loaded.items() if k != "params"})
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _rank_state(
+    ckpt_dir: Path, reshard: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None
+) -> dict[str, Any]:
+    """This rank's saved state: its own file, or (another world size) its share of the re-dealt states."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def decide() -> tuple[str, Any]:
+        try:
+            saved = saved_world_size(ckpt_dir)
+        except RuntimeError as e:
+            return "error", str(e)
+        if saved == world:
+            return "own", None
+        if reshard is None:
+            return "error", f"{ckpt_dir} was written by {saved} ranks, this run has {world}"
+        try:  # an error here must reach every rank, not leave them waiting for rank 0's broadcast
+            return "new", reshard([json.loads(_rank_file(ckpt_dir, r).read_text()) for r in range(saved)])
+        except (ValueError, KeyError, OSError) as e:
+            return "error", f"{ckpt_dir}: its {saved} ranks' states could not be re-dealt over {world}: {e}"
+
+    status, value = on_rank0(decide)
+    if status == "error":
+        raise RuntimeError(value)
+    if status == "new":
+        return value[rank]
+    return json.loads(_rank_file(ckpt_dir, rank).read_text())
+
+
 #: The settings a resumed run must share with the run that wrote the checkpoint for the resume to be exact
-#: (the data order and the partition of the optimizer state depend on them).
+#: (the data order and what the optimizer state covers depend on them); ``model.config`` is the model
+#: itself (`_model_identity`), whatever directory it is read from.
 RESUME_CRITICAL = (
     "world_size",
     "train.micro_batch_size",
@@ -253,19 +332,41 @@ RESUME_CRITICAL = (
     "data.meta_path",
     "data.seed",
     "model.pretrained",
+    "model.config",
+    "model.freeze_vision",
+    "model.freeze_projector",
+    "model.freeze_llm",
     "lora.enabled",
     "deepspeed.zero_stage",
+    "train.sequence_parallel_size",
 )
 RUN_FILE = "vlmtune_run.json"
 #: Differences that are warned about, not refused: a longer run (the schedule stretches from here) and
 #: paths that may have moved (a remounted dataset or model directory).
 WARN_ONLY = {"train.max_steps", "data.meta_path", "model.pretrained"}
+#: Differences handled, not refused, as long as their product, the global batch in micro-batches, stays:
+#: the optimizer state is re-partitioned (DeepSpeed's universal checkpoint) and the data re-dealt.
+ELASTIC = ("world_size", "train.gradient_accumulation_steps")
+
+
+def _model_identity(model: Any) -> str:
+    """A digest of what the model is, not where it lies: the pretrained directory's config.json (a moved
+    copy matches, another model does not) or, for random init, the shapes in the config."""
+    if model.pretrained:
+        config = Path(model.pretrained) / "config.json"
+        text = config.read_text() if config.is_file() else ""
+    else:
+        fields = ("vision", "text", "downsample_ratio", "projector_hidden_act", "vision_feature_layer")
+        text = json.dumps({f: getattr(model, f) for f in fields}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_fingerprint(cfg: Any, world_size: int) -> dict[str, Any]:
     """The resume-critical settings of ``cfg`` (saved with every checkpoint, compared at resume)."""
-    values: dict[str, Any] = {"world_size": world_size}
-    for name in RESUME_CRITICAL[1:]:
+    values: dict[str, Any] = {"world_size": world_size, "model.config": _model_identity(cfg.model)}
+    for name in RESUME_CRITICAL:
+        if name in values:
+            continue
         node: Any = cfg
         for part in name.split("."):
             node = getattr(node, part)
@@ -285,20 +386,20 @@ def resume_tag(out_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     each for themselves could see different checkpoints and hang), after checking that this run's
     resume-critical settings match the checkpoint's: a mismatch is refused here, before any model is
     built, naming each setting. ``WARN_ONLY`` differences are logged (a different ``max_steps`` stretches
-    the learning-rate schedule from the resumed step on)."""
+    the learning-rate schedule from the resumed step on), and so are ``ELASTIC`` ones that keep the
+    global batch (another world size: `train.runtime.elastic`)."""
     import logging
 
-    def decide() -> tuple[str, str | None, list[str]]:
+    def decide() -> tuple[str, str | None, list[str], list[str]]:
         try:
             tag = latest_complete(out_dir)
         except RuntimeError as e:
-            return "error", str(e), []
-        return "ok", tag, _compare(out_dir, tag, fingerprint) if tag else []
+            return "error", str(e), [], []
+        return "ok", tag, *(_compare(out_dir, tag, fingerprint) if tag else ([], []))
 
-    status, value, notes = on_rank0(decide)
+    status, value, notes, refusals = on_rank0(decide)
     if status == "error":
         raise RuntimeError(value)
-    refusals = [n for n in notes if n.split(" ", 1)[0] not in WARN_ONLY]
     if refusals:
         raise ValueError(
             f"{Path(out_dir) / 'checkpoints' / value}: cannot resume exactly with other settings than the run "
@@ -309,13 +410,44 @@ def resume_tag(out_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     return value
 
 
-def _compare(out_dir: Path, tag: str, fingerprint: dict[str, Any]) -> list[str]:
+def _compare(out_dir: Path, tag: str, fingerprint: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(every difference from the checkpoint's settings, those refused)."""
     path = Path(out_dir) / "checkpoints" / tag / RUN_FILE
     if not path.exists():  # written by an older vlmtune: nothing to compare against
-        return []
+        return [], []
     saved = json.loads(path.read_text())
-    notes = []
+    notes, refusals = [], []
     for name in [*RESUME_CRITICAL, "train.max_steps"]:
         if name in saved and saved[name] != fingerprint.get(name):
             notes.append(f"{name} was {saved[name]!r}, now {fingerprint.get(name)!r}")
-    return notes
+            if name not in WARN_ONLY and name not in ELASTIC:
+                refusals.append(notes[-1])
+    if changed := _global_batch_change(saved, fingerprint):
+        refusals.append(changed)
+    sp = saved.get("train.sequence_parallel_size", 1)
+    if sp > 1 and saved.get("world_size") != fingerprint.get("world_size"):  # one stream per SP group
+        refusals.append(
+            f"world_size was {saved['world_size']!r}, now {fingerprint.get('world_size')!r} with "
+            f"train.sequence_parallel_size={sp}: a sequence-parallel run resumes on its own number of ranks only"
+        )
+    return notes, refusals
+
+
+def _global_batch_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why ``now`` would train with another global batch than the checkpoint's run, and what keeps it."""
+    if any(name not in saved for name in ELASTIC):
+        return None
+    world, gas = saved["world_size"], saved["train.gradient_accumulation_steps"]
+    new_world, new_gas = now["world_size"], now["train.gradient_accumulation_steps"]
+    if world * gas == new_world * new_gas:
+        return None
+    fix = (
+        f"set train.gradient_accumulation_steps={world * gas // new_world} to keep it"
+        if world * gas % new_world == 0
+        else f"no gradient_accumulation_steps keeps it on {new_world} ranks: resume on a number of ranks that "
+        f"divides {world * gas}"
+    )
+    return (
+        f"the global batch (world_size x train.gradient_accumulation_steps micro-batches) was {world} x {gas} = "
+        f"{world * gas}, now {new_world} x {new_gas} = {new_world * new_gas}: {fix}"
+    )

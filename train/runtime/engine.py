@@ -167,12 +167,17 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms, scales)."""
+    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms, scales).
+
+    By the parameter's full shape: a ZeRO-3 parameter built partitioned (zero.Init) holds a flat 1-D
+    shard, so its own ``ndim`` would put every matrix among the biases (weight decay silently off);
+    DeepSpeed keeps the full shape in ``ds_shape``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or name.endswith(".bias") else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -75,6 +75,30 @@ def test_resume_with_other_critical_settings_is_refused_naming_them(one_rank, tm
     with pytest.raises(ValueError) as e:
         resume_tag(tmp_path, run_fingerprint(other, world_size=1))
     message = str(e.value)
-    assert "world_size was 2, now 1" in message
+    # another world size is resumed (tests/train/commands/test_elastic_resume.py), but not with another global batch
+    assert "global batch (world_size x train.gradient_accumulation_steps micro-batches) was 2 x 1" in message
+    assert "now 1 x 1 = 1: set train.gradient_accumulation_steps=2 to keep it" in message
     assert "train.micro_batch_size was 1, now 2" in message and "packing.max_tokens" in message
     assert "step_00000004" in message
+
+
+def test_a_sequence_parallel_run_resumes_on_its_own_world_size_only(one_rank, tmp_path):  # noqa: F811
+    """Elastic resume re-deals one data stream per rank; under sequence parallelism a group of ranks shares
+    one, so another world size (or SP size) is refused at start, naming both."""
+    from vlmtune.train.runtime.checkpoint import POINTER, atomic_write, resume_tag, run_fingerprint
+    from vlmtune.train.runtime.config import compose_config
+
+    overrides = ["data.meta_path=m.json", "train.sequence_parallel_size=2"]
+    saved = run_fingerprint(compose_config("sft", overrides), world_size=4)
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "vlmtune_run.json").write_text(json.dumps(saved))
+    atomic_write(tmp_path / "checkpoints" / POINTER, "step_00000004")
+    assert resume_tag(tmp_path, saved) == "step_00000004"
+    keeps_batch = compose_config("sft", [*overrides, "train.gradient_accumulation_steps=2"])
+    with pytest.raises(
+        ValueError, match="sequence_parallel_size=2: a sequence-parallel run resumes on its own"
+    ):
+        resume_tag(tmp_path, run_fingerprint(keeps_batch, world_size=2))
+    with pytest.raises(ValueError, match="train.sequence_parallel_size was 2, now 1"):
+        resume_tag(tmp_path, run_fingerprint(compose_config("sft", ["data.meta_path=m.json"]), world_size=4))

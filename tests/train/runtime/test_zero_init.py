@@ -10,6 +10,7 @@ import torch
 
 from tests.train.e2e import REPO, sft_env, torchrun
 from vlmtune.train.model.build import ModelConfig, build_model
+from vlmtune.train.runtime.engine import param_groups
 
 
 def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tiny_model_dir, tmp_path):
@@ -19,8 +20,16 @@ def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tiny_mo
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     expected = dict(build_model(ModelConfig(pretrained=str(tiny_model_dir))).named_parameters())
     total = sum(t.numel() for t in expected.values())
+    # weight decay splits the partitioned parameters by their full shapes, as the unpartitioned ones
+    built = build_model(ModelConfig(pretrained=str(tiny_model_dir)))
+    names = {id(p): n for n, p in built.named_parameters()}
+    no_decay = sorted(names[id(p)] for p in param_groups(built, 0.1)[1]["params"])
+    assert any(n.endswith("norm.weight") for n in no_decay) and not any(
+        n.endswith("proj.weight") for n in no_decay
+    )
     for r in ranks:
         assert r["partitioned"] and r["world"] == 2
+        assert r["no_decay"] == no_decay
         assert r["local_numel"] == 0  # nothing materialised in full on this rank
         assert total / 2 <= r["held_numel"] <= total / 2 + 64 * len(expected)  # its half, plus padding
         assert r["counts"]["total"] == total  # counted at full size, not this rank's share

@@ -91,6 +91,8 @@ def test_sigterm_to_one_rank_saves_on_every_rank_exits_0_and_resumes_exactly(dat
     _resume_equals_uninterrupted(data, out, text, uninterrupted)
 
 
+# slow: tests/scripts/test_launchers.py runs the same stop file through slurm.sbatch (save, stop, requeue)
+@pytest.mark.slow
 def test_the_stop_file_stops_the_run_and_says_so_for_the_launcher(data, uninterrupted, tmp_path):
     """What scripts/launch/slurm.sbatch does on SLURM's warning signal: it writes the stop file, rank 0
     sees it at a step boundary, every rank stops; the file then says the run stopped early (the launcher

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -32,16 +31,26 @@ from typing import Any
 
 from vlmtune.data.answers import DEFAULT_MARKER, MATCH_MODES, answers_match, extract_answer
 from vlmtune.data.meta import DatasetSpec, MetaError, load_meta
-from vlmtune.train.commands.make_pairs import ENGINES, Question, _ranks, read_questions
+from vlmtune.train.commands.make_pairs import Question, read_questions
 from vlmtune.train.objectives.prm import AGGREGATIONS, aggregate, best_of_n, majority_vote, pass_at
-from vlmtune.train.runtime.sampler import Engine, Sample, SampleRequest, SamplingSettings, run_sampler
+from vlmtune.train.runtime.sampler import (
+    Engine,
+    Sample,
+    SampleRequest,
+    SamplingRun,
+    SamplingSettings,
+    add_run_arguments,
+    build_engine,
+    command_ranks,
+    run_sampler,
+)
 
 #: question text, image files, responses -> each response's step scores ([] for a response without steps).
 Scorer = Callable[[str, list[str], list[str]], list[list[float]]]
 
 
 @dataclass
-class BestOfNConfig:
+class BestOfNConfig(SamplingRun):
     """What `best-of-n` does; every field is a command-line flag of the same name."""
 
     model: str
@@ -57,13 +66,6 @@ class BestOfNConfig:
     max_new_tokens: int = 1024
     match: str = "marker"
     marker: str = DEFAULT_MARKER
-    seed: int = 0
-    engine: str = "transformers"
-    batch_size: int = 8
-    max_questions: int | None = None
-    rank: int = 0
-    world_size: int = 1
-    wait_timeout: float = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         if not self.ns or any(k < 1 or k > self.n for k in self.ns):
@@ -273,19 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prm-system-prompt", default=None, help="the PRM chat's system turn (prm-data's)")
     parser.add_argument("--prm-batch-size", type=int, default=8, help="responses per PRM forward pass")
     parser.add_argument("--prm-max-steps", type=int, default=None, help="steps per response (prm-data's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", default="transformers", choices=ENGINES)
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per generate call (transformers)")
-    parser.add_argument("--max-questions", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=None, help="this process's rank, with --world-size")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks sharing --out (else torchrun's)")
-    parser.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for ranks")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if (args.rank is None) != (args.world_size is None) or (
-        args.world_size is not None and not 0 <= args.rank < args.world_size
-    ):
-        parser.error("--rank and --world-size go together, with 0 <= rank < world size")
-    rank, world = _ranks(args)
+    rank, world = command_ranks(parser, args)
     model, prm = str(Path(args.model).resolve()), str(Path(args.prm).resolve())
     skip = ("rank", "world_size", "prm_system_prompt", "prm_batch_size", "prm_max_steps")
     fields = {k: v for k, v in vars(args).items() if k not in skip}
@@ -296,17 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmtune best-of-n: {e}", file=sys.stderr)
         return 2
     from vlmtune.train.runtime.prm_score import PRMScorer
-    from vlmtune.train.runtime.sampler import TransformersEngine, VLLMEngine
 
-    device = None
-    if "LOCAL_RANK" in os.environ:
-        import torch
-
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
-    if args.engine == "vllm":
-        engine: Engine = VLLMEngine(model)
-    else:
-        engine = TransformersEngine(model, batch_size=args.batch_size, device=device)
+    engine = build_engine(args.engine, model, args.batch_size)
     lazy: list[PRMScorer] = []
 
     def scorer(question: str, images: list[str], responses: list[str]) -> list[list[float]]:

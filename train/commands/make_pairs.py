@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -30,16 +29,25 @@ from vlmtune.data.answers import DEFAULT_MARKER, MATCH_MODES, answers_match
 from vlmtune.data.meta import DatasetSpec, MetaError, load_meta, record_source
 from vlmtune.data.report import SkipSample
 from vlmtune.train.runtime.eval_engines import EvalItem, record_to_item
-from vlmtune.train.runtime.sampler import Engine, Sample, SampleRequest, SamplingSettings, run_sampler
+from vlmtune.train.runtime.sampler import (
+    Engine,
+    Sample,
+    SampleRequest,
+    SamplingRun,
+    SamplingSettings,
+    add_run_arguments,
+    build_engine,
+    command_ranks,
+    run_sampler,
+)
 
 PIPELINES = ("correctness", "dropout_ntp")
-ENGINES = ("transformers", "vllm")
 #: Where DropoutNTP cuts the chosen answer, as a share of its tokens (the paper: half).
 NTP_KEEP = 0.5
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(SamplingRun):
     """What `make-pairs` does; every field is a command-line flag of the same name."""
 
     model: str
@@ -58,16 +66,6 @@ class PairsConfig:
     marker: str = DEFAULT_MARKER
     #: At most this many pairs from one question (no sample on either side twice).
     max_pairs_per_question: int = 3
-    seed: int = 0
-    engine: str = "transformers"
-    #: Requests per generate call (transformers engine).
-    batch_size: int = 8
-    #: Read at most this many records (over all datasets, in meta order); None: all.
-    max_questions: int | None = None
-    rank: int = 0
-    world_size: int = 1
-    #: How long a rank waits for the others' shards (flags mode) or at the barrier (torchrun), seconds.
-    wait_timeout: float = 7 * 24 * 3600
     #: "jsonl" (MMPR annotation files) or "hf" (a Hugging Face dataset per input dataset, save_to_disk).
     format: str = "jsonl"
 
@@ -385,22 +383,6 @@ def write_pairs(
     return summary
 
 
-def _ranks(args: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size): the flags, else torchrun's environment (a gloo group for the barrier)."""
-    if args.world_size is not None:
-        return args.rank or 0, args.world_size
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(seconds=args.wait_timeout))
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune make-pairs", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the policy: an HF model directory (an export)")
@@ -421,22 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", default="normalised", choices=MATCH_MODES, help="answer comparison")
     parser.add_argument("--marker", default=DEFAULT_MARKER, help="what precedes the answer (--match marker)")
     parser.add_argument("--max-pairs-per-question", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", default="transformers", choices=ENGINES)
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per generate call (transformers)")
-    parser.add_argument("--max-questions", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=None, help="this process's rank, with --world-size")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks sharing --out (else torchrun's)")
-    parser.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for ranks")
+    add_run_arguments(parser)
     parser.add_argument(
         "--format", default="jsonl", choices=("jsonl", "hf"), help="jsonl files, or Hugging Face datasets"
     )
     args = parser.parse_args(argv)
-    if (args.rank is None) != (args.world_size is None) or (
-        args.world_size is not None and not 0 <= args.rank < args.world_size
-    ):
-        parser.error("--rank and --world-size go together, with 0 <= rank < world size")
-    rank, world = _ranks(args)
+    rank, world = command_ranks(parser, args)
     model = str(Path(args.model).resolve())
     cfg = PairsConfig(
         model=model,
@@ -466,17 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from vlmtune.train.runtime.sampler import TransformersEngine, VLLMEngine
-
-    if args.engine == "vllm":
-        engine: Engine = VLLMEngine(model)
-    else:
-        device = None
-        if "LOCAL_RANK" in os.environ:
-            import torch
-
-            device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
-        engine = TransformersEngine(model, batch_size=args.batch_size, device=device)
+    engine = build_engine(args.engine, model, args.batch_size)
     tokenizer = AutoTokenizer.from_pretrained(model) if args.pipeline == "dropout_ntp" else None
     summary = make_pairs(cfg, engine, tokenizer, identity=f"{args.engine}:{model}")
     if summary is None:

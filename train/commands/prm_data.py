@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -35,12 +34,22 @@ from vlmtune.data.prm import (
     split_steps,
     step_prefix,
 )
-from vlmtune.train.commands.make_pairs import ENGINES, Question, _ranks, read_questions
-from vlmtune.train.runtime.sampler import Engine, Sample, SampleRequest, SamplingSettings, run_sampler
+from vlmtune.train.commands.make_pairs import Question, read_questions
+from vlmtune.train.runtime.sampler import (
+    Engine,
+    Sample,
+    SampleRequest,
+    SamplingRun,
+    SamplingSettings,
+    add_run_arguments,
+    build_engine,
+    command_ranks,
+    run_sampler,
+)
 
 
 @dataclass
-class PRMDataConfig:
+class PRMDataConfig(SamplingRun):
     """What `prm-data` does; every field is a command-line flag of the same name."""
 
     model: str
@@ -60,13 +69,6 @@ class PRMDataConfig:
     threshold: float = 0.0
     max_steps: int = MAX_STEPS
     system_prompt: str = DEFAULT_PRM_SYSTEM_PROMPT
-    seed: int = 0
-    engine: str = "transformers"
-    batch_size: int = 8
-    max_questions: int | None = None
-    rank: int = 0
-    world_size: int = 1
-    wait_timeout: float = 7 * 24 * 3600
 
     def settings(self) -> SamplingSettings:
         return SamplingSettings(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
@@ -235,19 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--system-prompt", default=DEFAULT_PRM_SYSTEM_PROMPT, help="the PRM chat's system turn"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", default="transformers", choices=ENGINES)
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per generate call (transformers)")
-    parser.add_argument("--max-questions", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=None, help="this process's rank, with --world-size")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks sharing --out (else torchrun's)")
-    parser.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for ranks")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if (args.rank is None) != (args.world_size is None) or (
-        args.world_size is not None and not 0 <= args.rank < args.world_size
-    ):
-        parser.error("--rank and --world-size go together, with 0 <= rank < world size")
-    rank, world = _ranks(args)
+    rank, world = command_ranks(parser, args)
     model = str(Path(args.model).resolve())
     fields = {k: v for k, v in vars(args).items() if k not in ("rank", "world_size")}
     cfg = PRMDataConfig(**{**fields, "model": model, "rank": rank, "world_size": world})
@@ -256,17 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MetaError, OSError) as e:
         print(f"vlmtune prm-data: {e}", file=sys.stderr)
         return 2
-    from vlmtune.train.runtime.sampler import TransformersEngine, VLLMEngine
-
-    if args.engine == "vllm":
-        engine: Engine = VLLMEngine(model)
-    else:
-        device = None
-        if "LOCAL_RANK" in os.environ:
-            import torch
-
-            device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
-        engine = TransformersEngine(model, batch_size=args.batch_size, device=device)
+    engine = build_engine(args.engine, model, args.batch_size)
     summary = prm_data(cfg, engine, identity=f"{args.engine}:{model}")
     if summary is None:
         return 0

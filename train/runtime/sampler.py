@@ -22,6 +22,7 @@ and not a loop around ``generate``:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -400,3 +401,67 @@ class VLLMEngine:
                 raise RuntimeError(
                     f"vLLM sampling failed on {self.model_dir} (exit {code}, {got}/{len(requests)}):\n{tail}"
                 )
+
+
+# ------------------------------------------------------------------ what the sampling commands share
+
+ENGINES = ("transformers", "vllm")
+
+
+@dataclass(kw_only=True)
+class SamplingRun:
+    """The fields of every sampling command's config that `add_run_arguments` gives flags to."""
+
+    seed: int = 0
+    engine: str = "transformers"
+    #: Requests per generate call (transformers engine).
+    batch_size: int = 8
+    #: Read at most this many records (over all datasets, in meta order); None: all.
+    max_questions: int | None = None
+    rank: int = 0
+    world_size: int = 1
+    #: How long a rank waits for the others' shards (flags mode) or at the barrier (torchrun), seconds.
+    wait_timeout: float = 7 * 24 * 3600
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that samples (make-pairs, prm-data, best-of-n): seed, engine, batching,
+    how many questions, and the ranks sharing ``--out``."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="transformers", choices=ENGINES)
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per generate call (transformers)")
+    parser.add_argument("--max-questions", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=None, help="this process's rank, with --world-size")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks sharing --out (else torchrun's)")
+    parser.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds to wait for ranks")
+
+
+def command_ranks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size) of a sampling command: the flags, else torchrun's environment (a gloo group for
+    the barrier); inconsistent flags are a usage error."""
+    if (args.rank is None) != (args.world_size is None) or (
+        args.world_size is not None and not 0 <= args.rank < args.world_size
+    ):
+        parser.error("--rank and --world-size go together, with 0 <= rank < world size")
+    if args.world_size is not None:
+        return args.rank or 0, args.world_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(seconds=args.wait_timeout))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_engine(name: str, model: str, batch_size: int) -> Engine:
+    """``--engine``: vLLM in its venv, or transformers (on this rank's GPU under torchrun, if there is one)."""
+    if name == "vllm":
+        return VLLMEngine(model)
+    device = None
+    if "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    return TransformersEngine(model, batch_size=batch_size, device=device)

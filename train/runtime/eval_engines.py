@@ -71,10 +71,10 @@ def image_file(ref: str, root: Path) -> str:
     import hashlib
     import tempfile
 
-    from vlmtune.data.media import EmbeddedImage
+    from vlmtune.data.media import EmbeddedImage, resolve_media
 
     if not isinstance(ref, EmbeddedImage):
-        return str(ref if Path(ref).is_absolute() else root / ref)
+        return str(resolve_media(root, ref))  # root / ref (an absolute ref stays itself)
     folder = Path(tempfile.gettempdir()) / "vlmtune-embedded-images"
     folder.mkdir(exist_ok=True)
     path = folder / hashlib.sha256(ref.data).hexdigest()

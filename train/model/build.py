@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
-from vlmtune.train.model.lm_head import HEAD_CHUNK_ATTR
+from vlmtune.train.model.liger_head import require_liger_head
+from vlmtune.train.model.lm_head import HEAD_CHUNK_ATTR, HEAD_KERNEL_ATTR, HEAD_KERNELS
 
 VISION_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
@@ -85,6 +86,13 @@ class ModelConfig:
     """Rows of LM-head logits computed at a time (train/model/lm_head.py): with a 151k vocabulary a long
     supervised pack's full logits outgrow the model's own memory. Inputs with fewer rows take the full
     logits anyway (one chunk's memory); 0 always takes the full logits."""
+
+    head_kernel: str = "chunked"
+    """What computes the LM head's log-probs in place of the full logits: "chunked" (train/model/lm_head.py,
+    any device, ``head_chunk_size`` rows at a time) or "liger" (Liger's fused linear cross-entropy on every
+    call, train/model/liger_head.py: CUDA and liger-kernel >= 0.8.2, the first with a correct per-token
+    backward; it sizes its own chunks, so ``head_chunk_size`` must not be 0). Independent of
+    ``liger_kernels``."""
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -217,6 +225,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
 
     Random init draws from torch's global RNG: seed it first for reproducible weights.
     """
+    _check_head_kernel(cfg)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     quantize = lora is not None and lora.enabled and lora.quantize == "4bit"
     if cfg.pretrained is not None:
@@ -239,6 +248,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
     if cfg.head_chunk_size < 0:
         raise ValueError(f"model.head_chunk_size must be >= 0 (0: full logits), got {cfg.head_chunk_size}")
     setattr(model, HEAD_CHUNK_ATTR, cfg.head_chunk_size)  # read by the objectives (objectives/logps.py)
+    setattr(model, HEAD_KERNEL_ATTR, cfg.head_kernel)
     if cfg.liger_kernels:
         apply_liger_kernels(model)
     if cfg.gradient_checkpointing:
@@ -256,6 +266,19 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, lora: Any = None) -> to
             )
         model = apply_lora(model, lora, cfg)
     return model
+
+
+def _check_head_kernel(cfg: ModelConfig) -> None:
+    """``model.head_kernel``, checked before any weight is loaded."""
+    if cfg.head_kernel not in HEAD_KERNELS:
+        raise ValueError(f"model.head_kernel must be one of {HEAD_KERNELS}, got {cfg.head_kernel!r}")
+    if cfg.head_kernel == "liger":
+        if cfg.head_chunk_size == 0:
+            raise ValueError(
+                "model.head_kernel=liger replaces the full logits that model.head_chunk_size=0 asks for: "
+                "set head_kernel=chunked for the full logits, or head_chunk_size > 0"
+            )
+        require_liger_head()
 
 
 def apply_liger_kernels(model: torch.nn.Module) -> None:

@@ -27,6 +27,10 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 DEFAULT_CHUNK_SIZE = 1024
 #: Where build_model records ``model.head_chunk_size`` on the model instance (not in its config.json).
 HEAD_CHUNK_ATTR = "vlmtune_head_chunk_size"
+#: What computes the head beyond the full logits (``model.head_kernel``): this module's chunked head, or
+#: Liger's fused kernel (train/model/liger_head.py). build_model records it as HEAD_KERNEL_ATTR.
+HEAD_KERNELS = ("chunked", "liger")
+HEAD_KERNEL_ATTR = "vlmtune_head_kernel"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

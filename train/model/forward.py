@@ -7,7 +7,9 @@ so that under ZeRO-3 every rank gathers the same parameters in the same order (o
 whose batch is text-only hang, or with gloo abort on mismatched collectives). The zero enters at
 the input embeddings, where real image features enter, so that the backward pass also reaches the
 vision tower last on every rank: ZeRO-3 gathers partitions again in the backward pass, in the
-order autograd visits the modules.
+order autograd visits the modules. Under sequence parallelism each rank encodes its share of the
+tiles and the features are all-gathered (`encode_images`); a rank whose share is empty runs the tower
+on one blank tile likewise, its features entering the gather, whose backward gives them zero.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmtune.train.model.build import tile_size
 from vlmtune.train.model.lm_head import DEFAULT_CHUNK_SIZE, HEAD_CHUNK_ATTR
-from vlmtune.train.model.sequence_parallel import SequenceParallel, active_sequence_parallel, shard_row
+from vlmtune.train.model.sequence_parallel import (
+    SequenceParallel,
+    active_sequence_parallel,
+    gather_tile_features,
+    shard_row,
+    tile_bounds,
+)
 from vlmtune.train.model.unwrap import model_device_dtype, unwrap
 
 #: ``head(hidden [B, K, H], weight [V, H], bias [V] | None)``: what the LM head computes in its place.
@@ -48,13 +56,25 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[A
     Always called before the language model, so that every rank gathers the ZeRO-3 partitions of
     the vision tower and the LLM in the same order whatever its batch holds. Returns the
     encoder output and whether it is real (False: a stand-in whose features must contribute 0).
+    Within an SP forward (`sequence_parallel.sequence_parallel_forward`) this rank encodes its share
+    of the tiles (`sequence_parallel.tile_bounds`; a blank tile for an empty share) and the output's
+    ``pooler_output`` is every tile's features, gathered over the group (`gather_tile_features`).
     """
     inner = unwrap(model)
-    real = pixel_values.numel() > 0
-    if not real:
+    count = pixel_values.shape[0] if pixel_values.numel() else 0
+    sp = active_sequence_parallel()
+    start, end = (0, count) if sp is None else tile_bounds(count, sp.size, sp.rank)
+    if start == end:
         size = tile_size(inner.config.vision_config)
-        pixel_values = torch.zeros(1, 3, size, size, device=pixel_values.device, dtype=inner.dtype)
-    return inner.model.get_image_features(pixel_values=pixel_values, return_dict=True), real
+        local = torch.zeros(1, 3, size, size, device=pixel_values.device, dtype=inner.dtype)
+    else:
+        local = pixel_values[start:end]
+    encoded = inner.model.get_image_features(pixel_values=local, return_dict=True)
+    if sp is None or count == 0:
+        return encoded, count > 0
+    return BaseModelOutputWithPooling(
+        pooler_output=gather_tile_features(encoded.pooler_output, sp, count)
+    ), True
 
 
 def v2pe_inputs(

@@ -10,10 +10,11 @@ token, so RoPE reads the local position ids as they are (V2PE's fractional ids t
 Why not DeepSpeed's HF wrapper (``deepspeed.runtime.sequence_parallel.ulysses_sp.UlyssesSPAttentionHF``):
 it replaces the attention function table globally, which InternViT's attention also uses, and its data
 adapter refuses ``pixel_values`` (DeepSpeed issue #7834). So, as ms-swift does, the split happens here
-*after* the vision features are merged into the embeddings (`train.model.forward.forward_logits`), and only
-the LLM's layers get the Ulysses attention (``config.text_config``; the vision tower keeps its own). The
-all-to-all is DeepSpeed's (``deepspeed.sequence.layer._SeqAllToAll``, works with gloo on CPU), and so are
-the groups (``parallel_state_sp``: consecutive ranks).
+*after* the vision features (encoded a share of the tiles per rank, then gathered: see Decisions) are
+merged into the embeddings (`train.model.forward.forward_logits`), and only the LLM's layers get the
+Ulysses attention (``config.text_config``; the vision tower keeps its own). The all-to-all is DeepSpeed's
+(``deepspeed.sequence.layer._SeqAllToAll``, works with gloo on CPU), and so are the groups
+(``parallel_state_sp``: consecutive ranks).
 
 The gradient: each rank's loss is the *share* of its slice (its tokens' terms over the step's global
 normaliser; a term of the whole sample, such as MPO's preference loss on the all-reduced log-prob sums,
@@ -25,9 +26,20 @@ reduce-scatter (``coalesced_collectives.reduce_scatter_coalesced``): measured at
 came out half the gradient.
 
 Decisions:
-- The vision tower encodes every tile on every SP rank. Simplest, and it keeps ZeRO-3's rule that every
-  rank calls the same modules in the same order; the cost is that vision compute and activations are not
-  divided by P (splitting tiles and all-gathering features would divide them; not done yet).
+- The vision tower's work is split too (`train.model.forward.encode_images`): each SP rank encodes a
+  contiguous share of the batch's tiles (`tile_bounds`: ceil or floor of n / P, uneven counts allowed) and
+  the projected features are all-gathered (`gather_tile_features`), so every rank merges the same whole
+  row's features and takes its slice's as before. The backward sums over the group the gradients on each
+  rank's own tiles: every rank's loss is a share and the shares add up to the un-split loss, so a tile's
+  feature gradient is the sum of the ranks' (no 1/P), and DeepSpeed's average over the world then gives the
+  un-split vision gradient, as for the LLM's weights. Vision compute and activations are divided by P; the
+  price is one all-gather of the features forward and one all-reduce of their gradient backward (the size of
+  the row's image embeddings, [n, T, H]). ZeRO-3's rule that every rank calls the same modules in the same
+  order holds: a rank whose share is empty (fewer tiles than ranks) runs the tower on one blank tile, as a
+  text-only batch does, and its features enter the gather, whose backward gives them an exact zero, so the
+  backward also visits the tower on every rank (measured under ZeRO-3 on 2 CPU ranks: a rank that skips the
+  tower's forward hangs the parameter gathers). Tested equal to the one-rank run, odd tile counts and one
+  tile over two ranks included, and under ZeRO-3 (tests/train/dist_sp_check.py).
 - Supported core attention: ``packed_sdpa`` and ``packed_varlen`` (both read the packed samples off the
   whole row's position ids, which every rank has: no gather needed). ``sdpa``/``eager`` build their mask
   from the local shard's ids and are refused, as are flash_attention_2/3 (not verified under SP here: use
@@ -190,6 +202,50 @@ def sequence_parallel_forward(model: torch.nn.Module) -> Iterator[SequenceParall
 
 def active_sequence_parallel() -> SequenceParallel | None:
     return _ACTIVE.get()
+
+
+def tile_bounds(count: int, size: int, rank: int) -> tuple[int, int]:
+    """(start, end) of ``rank``'s contiguous share of ``count`` tiles over ``size`` ranks: the first
+    ``count % size`` ranks take one more (``torch.tensor_split``'s rule); a share may be empty."""
+    base, extra = divmod(count, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + int(rank < extra)
+
+
+class _GatherTiles(torch.autograd.Function):
+    """All-gather of the ranks' tile features; backward: the group's sum of the gradients on this rank's
+    tiles (every rank's loss is a share of the un-split loss, so the sum is the un-split gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, sp: SequenceParallel, count: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        bounds = [tile_bounds(count, sp.size, r) for r in range(sp.size)]
+        start, end = bounds[sp.rank]
+        width = bounds[0][1] - bounds[0][0]  # the largest share: all_gather takes equal shapes
+        send = local.new_zeros((width, *local.shape[1:]))
+        send[: end - start] = local[: end - start]
+        parts = [torch.empty_like(send) for _ in range(sp.size)]
+        dist.all_gather(parts, send, group=sp.group)
+        ctx.sp, ctx.start, ctx.end, ctx.local_shape = sp, start, end, local.shape
+        return torch.cat([part[: e - s] for part, (s, e) in zip(parts, bounds)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.sp.group)
+        out = grad.new_zeros(ctx.local_shape)  # a blank tile's rows (an empty share) stay exactly 0
+        out[: ctx.end - ctx.start] = grad[ctx.start : ctx.end]
+        return out, None, None
+
+
+def gather_tile_features(local: torch.Tensor, sp: SequenceParallel, count: int) -> torch.Tensor:
+    """The features of all ``count`` tiles [count, T, H] on every rank of ``sp``, from each rank's share
+    (`tile_bounds`) ``local`` [share, T, H]; a rank with an empty share passes its blank tile's [1, T, H],
+    which receives a zero gradient. Every rank of the group must call it (a collective)."""
+    return _GatherTiles.apply(local, sp, count)
 
 
 def sp_all_reduce(values: torch.Tensor, sp: SequenceParallel | None) -> torch.Tensor:

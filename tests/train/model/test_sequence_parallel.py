@@ -1,7 +1,8 @@
-"""vlmtune.train.model.sequence_parallel: the slice arithmetic and the refusals by hand, the Ulysses attention
-outside an SP forward equal to its core, and, under torchrun on 2 ranks (one SP group), the split runs equal
-to the un-split ones: losses, every gradient and the metric shares of SFT and MPO batches (tests/train/
-dist_sp_check.py), and one loop step over a ZeRO-3 engine equal to the one-process gradient."""
+"""vlmtune.train.model.sequence_parallel: the slice and tile-share arithmetic and the refusals by hand, the
+Ulysses attention outside an SP forward equal to its core, and, under torchrun on 2 ranks (one SP group), the
+split runs equal to the un-split ones: losses, every gradient (the vision tower's, whose tiles are shared out
+over the group, included) and the metric shares of SFT, LoRA and MPO batches (tests/train/dist_sp_check.py),
+and loop steps over a ZeRO-3 engine equal to the one-process gradient."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from vlmtune.train.model.sequence_parallel import (
     owned,
     shard_bounds,
     shard_row,
+    tile_bounds,
 )
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -34,6 +36,22 @@ def test_shard_bounds_pad_to_a_multiple_of_the_group() -> None:
     assert [shard_bounds(10, 4, r) for r in range(4)] == [(0, 3, 12), (3, 6, 12), (6, 9, 12), (9, 12, 12)]
     assert shard_bounds(8, 2, 1) == (4, 8, 8)
     assert shard_bounds(1, 2, 1) == (1, 2, 2)
+
+
+def test_tile_bounds_share_out_every_tile_once() -> None:
+    """Contiguous shares, the first count % size ranks one more; fewer tiles than ranks leave shares empty."""
+    assert [tile_bounds(5, 2, r) for r in range(2)] == [(0, 3), (3, 5)]
+    assert [tile_bounds(1, 2, r) for r in range(2)] == [(0, 1), (1, 1)]
+    assert [tile_bounds(7, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert [tile_bounds(0, 3, r) for r in range(3)] == [(0, 0)] * 3
+    for count in range(10):
+        for size in (1, 2, 3, 4):
+            got = [tile_bounds(count, size, r) for r in range(size)]
+            want = [
+                (int(c[0]), int(c[-1]) + 1) if c.numel() else None
+                for c in torch.arange(count).tensor_split(size)
+            ]
+            assert [g if g[0] < g[1] else None for g in got] == want
 
 
 def test_shard_row_by_hand() -> None:
@@ -109,7 +127,9 @@ def test_ulysses_attention_outside_an_sp_forward_is_its_core(core) -> None:
 
 
 def test_two_ranks_equal_the_unsplit_run(tmp_path) -> None:
-    """One torchrun: every model-level case, then one ZeRO-3 loop step each for SFT and MPO."""
+    """One torchrun: every model-level case, then ZeRO-3 loop steps for SFT (twice: the second over a
+    one-tile and a 3-tile micro-batch) and MPO. The vision tower's gradient is checked relative to its own
+    size (LoRA's vision adapters get small ones), and each rank encodes its share of the tiles only."""
     from tests.train.helpers import check_one_step_against_reference
 
     check_one_step_against_reference(tmp_path, "dist_sp_check.py", 3)  # SFT through the loop (out/)
@@ -120,15 +140,30 @@ def test_two_ranks_equal_the_unsplit_run(tmp_path) -> None:
     assert record["grad_norm"] == pytest.approx(mpo["ref_grad_norm"], rel=1e-5)
     assert record["text_only_micro_batches"] == 1 and record["samples"] == 3  # counted once per SP group
     assert record["bco/delta"] == pytest.approx(0.15) and record["rewards/chosen"] != 0.0
+    tiles = json.loads((tmp_path / "tiles" / "result.json").read_text())
+    assert tiles["partitioned"] and tiles["max_grad"] > 1e-3
+    assert tiles["max_abs_diff"] < 1e-5 * max(1.0, tiles["max_grad"])
     cases = json.loads((tmp_path / "sp_result.json").read_text())
-    assert len(cases) == 12
+    assert len(cases) == 15
     for case in cases:
         name = case["case"]
         assert case["sp_loss"] == pytest.approx(case["ref_loss"], rel=1e-5), name
         assert case["max_grad"] > 1e-3, name
         assert case["max_abs_diff"] < 1e-5 * max(1.0, case["max_grad"]), (name, case["max_abs_diff"])
+        assert case["vision_max_abs_diff"] <= 1e-5 * case["vision_max_grad"], (
+            name,
+            case["vision_max_abs_diff"],
+        )
+        unsplit, per_rank = case["tiles"]["unsplit"], case["tiles"]["per_rank"]
+        assert per_rank == [len(t) for t in torch.arange(unsplit).tensor_split(2)], (name, case["tiles"])
+        assert (case["vision_max_grad"] > 1e-4) == (unsplit > 0), name
         for key, (ref, split) in case["metrics"].items():
             assert split == pytest.approx(ref, rel=1e-5, abs=1e-6), (name, key)
+    by_name = {case["case"]: case for case in cases}
+    assert by_name["sft_odd_tiles"]["tiles"]["per_rank"] == [3, 2]
+    assert by_name["sft_one_tile"]["tiles"]["per_rank"] == [1, 0]  # rank 1 ran the tower on a blank tile
+    lora = by_name["sft_lora"]
+    assert lora["vision_grads"] == 24 and lora["tiles"]["per_rank"] == [3, 2]  # the vision adapters only
 
 
 def test_vlmtune_sft_split_over_two_ranks_trains_as_one(tmp_path) -> None:

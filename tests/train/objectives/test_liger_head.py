@@ -194,7 +194,7 @@ def zero3_rank(kind: str, out: Path) -> None:
     assert calls["n"] >= 2, calls  # both micro-batches went through Liger's head
 
 
-@pytest.mark.parametrize("kind", ["sft", "mpo"])
+@pytest.mark.parametrize("kind", [pytest.param("sft", marks=pytest.mark.slow), "mpo"])
 def test_zero3_two_ranks_through_liger_head(tmp_path, monkeypatch, kind):
     """Under ZeRO-3 the head weight is gathered by the head module's own hooks, once per call, and the
     backward (per-token for MPO) reads the parameter gathered again, not a copy saved in the forward."""
@@ -210,6 +210,7 @@ def test_liger_head_functions_equal_full_logits_in_interpreter():
     assert "token_logps grad weight" in out
 
 
+@pytest.mark.slow  # 21 s; the functions' test and ZeRO-3's MPO step run by default
 def test_objectives_through_liger_head_equal_full_logits_in_interpreter():
     out = _in_interpreter("check_objectives")
     assert "mpo separate" in out

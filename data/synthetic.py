@@ -647,3 +647,69 @@ def generate_text_corpus(
             length=n,
         )
     return out / f"meta_{name}_train.json"
+
+
+#: The multi-step questions (the PRM / Best-of-N demo): two facts read from the image, then the answer
+#: built from them, one step per paragraph (data/prm.py splits steps on blank lines).
+STEP_QUESTIONS = (
+    "Describe the shape in two steps, its colour and then its kind, and end with 'Answer: <colour> <shape>'.",
+    "What is shown? First say its colour, then its shape, then answer as 'Answer: <colour> <shape>'.",
+)
+
+
+def step_solution(colour: str, kind: str) -> str:
+    """A three-step solution: the colour read, the shape read, the answer made of both. A wrong read
+    in a step carries into the answer, as a policy's reasoning does."""
+    return f"The colour is {colour}.\n\nThe shape is a {kind}.\n\nAnswer: {colour} {kind}"
+
+
+def make_step_records(
+    split: str,
+    n: int,
+    rng: random.Random,
+    writer: _ImageWriter,
+    size_range: tuple[int, int],
+    max_aspect: float = 3.0,
+) -> list[dict[str, Any]]:
+    """``n`` records of one shape each, every (colour, shape) combination equally often; the reference
+    answer (``answer``) is ``"<colour> <shape>"``, the gpt turn the full `step_solution`."""
+    combos = [(c, k) for c in COLOURS for k in SHAPES]
+    records = []
+    for i in range(n):
+        colour, kind = combos[i % len(combos)]
+        image = writer.save_new(lambda k=kind, c=colour: scene(rng, size_range, 1, k, c, max_aspect), split)
+        question = "<image>\n" + rng.choice(STEP_QUESTIONS)
+        records.append(
+            {
+                "image": image,
+                "conversations": _turns(question, step_solution(colour, kind)),
+                "task": "steps",
+                "answer": f"{colour} {kind}",
+            }
+        )
+    rng.shuffle(records)
+    return records
+
+
+def generate_step_dataset(
+    out_dir: str | Path,
+    *,
+    num_train: int = 2000,
+    num_eval: int = 200,
+    seed: int = 0,
+    image_size_range: tuple[int, int] = (40, 300),
+    max_aspect: float = 3.0,
+    name: str = "steps",
+) -> Path:
+    """The multi-step questions' dataset, laid out as `generate_sft_dataset`'s (``train.jsonl``,
+    ``eval.jsonl``, ``meta_train.json``, ``meta_eval.json``); returns ``meta_train.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ImageWriter(out)
+    rng = random.Random(seed)
+    for split, n in (("train", num_train), ("eval", num_eval)):
+        records = make_step_records(split, n, rng, writer, image_size_range, max_aspect)
+        write_jsonl(out / f"{split}.jsonl", records)
+        meta = out / f"meta_{split}.json"
+        write_meta(meta, f"{name}_{split}", f"{split}.jsonl", data_augment=split == "train", length=n)
+    return out / "meta_train.json"

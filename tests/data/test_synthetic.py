@@ -19,6 +19,7 @@ from vlmtune.data.synthetic import (
     PAIR_TASKS,
     generate_pair_dataset,
     generate_sft_dataset,
+    generate_step_dataset,
     reasoning_answer,
 )
 
@@ -219,3 +220,26 @@ def test_pair_answers_are_in_the_pixels_and_eval_disjoint(pairs):
         for r in records(pairs / "pairs_train.jsonl")
     }
     assert not any(hashlib.sha1((pairs / r["image"]).read_bytes()).hexdigest() in train for r in recs)
+
+
+def test_step_questions_balanced_three_steps_and_the_pixels_hold_both_facts(tmp_path):
+    """The multi-step questions: every (colour, shape) pair equally often, the solution three blank-line
+    steps (PRM data splits there) whose marked answer is the reference, and the colour in the pixels."""
+    from vlmtune.data.answers import answers_match
+    from vlmtune.data.prm import split_steps
+
+    generate_step_dataset(tmp_path, num_train=36, num_eval=18, seed=3)
+    for split, n in (("train", 36), ("eval", 18)):
+        recs = records(tmp_path / f"{split}.jsonl")
+        combos = Counter(r["answer"] for r in recs)
+        assert len(combos) == 18 and set(combos.values()) == {n // 18}
+        for r in recs:
+            colour, kind = r["answer"].split()
+            solution = r["conversations"][1]["value"]
+            steps = split_steps(solution)
+            assert len(steps) == 3 and colour in steps[0] and kind in steps[1]
+            assert answers_match(solution, r["answer"], "marker")
+            rgb = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB"))
+            values = Counter(map(tuple, rgb[shape_pixels(Image.open(tmp_path / r["image"]))].tolist()))
+            assert values.most_common(1)[0][0] == COLOURS[colour]
+    assert [s.name for s in load_meta(tmp_path / "meta_eval.json")] == ["steps_eval"]

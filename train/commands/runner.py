@@ -568,7 +568,13 @@ def check_serving(cfg: Any, summary: dict, records: list[dict], tokenizer: Any, 
         )
         return {"skipped": "model too large"}
     result = serving_check(
-        export_dir, records, cfg.eval_data, tokenizer, built.tokens_per_tile, cfg.train.serving_check
+        export_dir,
+        records,
+        cfg.eval_data,
+        tokenizer,
+        built.tokens_per_tile,
+        cfg.train.serving_check,
+        cfg.train.eval_max_new_tokens,
     )
     (Path(summary["output_dir"]) / "serving_check.json").write_text(json.dumps(result, indent=2))
     if result["agreement"] < 0.99:

@@ -267,15 +267,22 @@ SERVING_CHECK_MAX_PARAMS = 3e9
 
 
 def serving_check(
-    export_dir: Path, records: list[dict], data_cfg: Any, tokenizer: Any, tokens_per_tile: int, num: int
+    export_dir: Path,
+    records: list[dict],
+    data_cfg: Any,
+    tokenizer: Any,
+    tokens_per_tile: int,
+    num: int,
+    max_new_tokens: int,
 ) -> dict[str, Any]:
     """Ask the first ``num`` held-out questions again through plain transformers and compare with
-    vlmtune's answers (``records`` of `evaluate_accuracy`); the first disagreement is diagnosed
-    (prompt ids, tiles, pixels) against vlmtune's own sample of the same record."""
+    vlmtune's answers (``records`` of `evaluate_accuracy`, generated with up to ``max_new_tokens``: the
+    same limit here, or every longer answer reads as a disagreement); the first disagreement is
+    diagnosed (prompt ids, tiles, pixels) against vlmtune's own sample of the same record."""
     answered = {r["source"] for r in records}
     items = [i for i in eval_items(data_cfg.meta_path, data_cfg.seed, None) if i.source in answered][:num]
     ours, rows = against_vlmtune(
-        records, items, transformers_answers(str(export_dir), items, max_new_tokens=8)
+        records, items, transformers_answers(str(export_dir), items, max_new_tokens=max_new_tokens)
     )
     result: dict[str, Any] = {"n": len(rows), "agreement": sum(ok for *_, ok in rows) / max(1, len(rows))}
     wrong = [(i, a) for i, a, ok in rows if not ok]

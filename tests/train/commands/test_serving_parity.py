@@ -70,7 +70,9 @@ def test_vllm_answers_as_vlmtune(demo_run, vllm_hf_answers):
     assert abs(vllm_accuracy - trained["accuracy"]) <= 0.03
 
 
-def test_end_of_run_serving_check_passes_and_catches_the_base_checkpoints_tiling(demo_run, tmp_path):
+def test_end_of_run_serving_check_passes_and_catches_the_base_checkpoints_tiling(
+    demo_run, tmp_path, monkeypatch
+):
     """The run asked 32 questions again through transformers (serving_check.json). The same check on
     a copy of the export whose processor says InternVL3's default `max_patches: 12` (what exports
     carried before: the model trained on one tile per image) fails and names the tiles."""
@@ -95,7 +97,23 @@ def test_end_of_run_serving_check_passes_and_catches_the_base_checkpoints_tiling
     model, tokenizer = load_trained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
     data_cfg = trained_data_config(out / "hf", tile_size(model.config.vision_config), str(meta))
     records = evaluate_accuracy(model, tokenizer, data_cfg, 16, 32, keep_records=True)["records"]
-    result = serving_check(broken, records, data_cfg, tokenizer, 16, 32)
+    result = serving_check(broken, records, data_cfg, tokenizer, 16, 32, max_new_tokens=8)
     assert result["agreement"] < 0.99
     first = result["first_disagreement"]
     assert first["tiles"]["vlmtune"] == 1 < first["tiles"]["export"] and not first["input_ids_equal"]
+
+    # the check asks transformers with the limit the answers were generated with (a fixed 8 read every
+    # longer answer as a miss: a 24-token three-step answer gave 0% agreement)
+    from vlmtune.train.runtime import eval_engines
+
+    asked = []
+
+    def recording(model_dir, items, max_new_tokens, base=None):
+        asked.append(max_new_tokens)
+        return real(model_dir, items, max_new_tokens, base)
+
+    real = eval_engines.transformers_answers
+    monkeypatch.setattr(eval_engines, "transformers_answers", recording)
+    cut = evaluate_accuracy(model, tokenizer, data_cfg, 16, 32, max_new_tokens=3, keep_records=True)
+    assert serving_check(out / "hf", cut["records"], data_cfg, tokenizer, 16, 32, 3)["agreement"] >= 0.99
+    assert asked == [3]

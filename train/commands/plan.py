@@ -353,7 +353,12 @@ def activation_bytes(
     (padded to a multiple of P; Ulysses' attention holds the whole sequence for 1/P of the heads: as many
     bytes), and the LM head on the supervised positions of the slice, counted for the busiest GPU: at most
     the slice's length (an answer after a long video may lie in one slice). The vision tower and projector
-    encode every tile on every GPU of the group, and the tree layout's mask is the whole row's: not divided.
+    encode a contiguous share of each pack's tiles (``tile_bounds``; train/model/forward.py
+    ``encode_images``), counted for the largest, ceil(tiles / P). Their projected features are then
+    all-gathered: every GPU holds all tiles' [tiles x tokens per tile, LLM hidden] and, in the backward,
+    their gradient when the tower or projector trains (``gathered_features``; at P = 1 the features are
+    the merged embeddings, already the LLM's first input, and it is 0). The tree layout's mask is the
+    whole row's: not divided.
 
     The LLM always keeps activations (gradients reach every trained part through it). The vision tower
     keeps them only when it trains (a frozen tower's forward stores nothing); the projector when it or
@@ -364,7 +369,8 @@ def activation_bytes(
     """
     b = micro_batch_size
     slice_tokens = -(-work.tokens // sequence_parallel)
-    tokens, tiles, sup = slice_tokens * b, work.tiles * b, min(work.supervised, slice_tokens) * b
+    share = -(-work.tiles // sequence_parallel)  # the largest share of a pack's tiles
+    tokens, tiles, sup = slice_tokens * b, share * b, min(work.supervised, slice_tokens) * b
     llm = stack_activation_bytes(
         tokens, shapes.llm_layers, shapes.llm, act_bytes, checkpointing=checkpointing
     )
@@ -388,6 +394,9 @@ def activation_bytes(
         "projector": projector,
         "logits": logits_bytes(sup, shapes.vocab, act_bytes, head_chunk_size, shapes.llm.hidden),
     }
+    gathered = work.tiles * b * shapes.llm_tokens_per_tile * shapes.llm.hidden * act_bytes
+    with_grad = 2 if vision_trains or projector_trains else 1  # the gradient only when something trains
+    out["gathered_features"] = with_grad * gathered if sequence_parallel > 1 else 0
     holding = 1 if checkpointing else shapes.llm_layers
     out["tree_mask"] = b * work.tokens**2 * (1 + act_bytes * holding) if work.tree_mask else 0
     out["reference_forward"] = 0
@@ -624,7 +633,9 @@ def make_plan(cfg: Any, method: str, hardware: Hardware, assumptions: Assumption
         notes.append(
             f"sequence parallel {layout.sequence_parallel}: the LLM's activations are a 1/"
             f"{layout.sequence_parallel} slice of each pack and the LM head at most the slice's positions; "
-            "the vision tower encodes every tile on every GPU of the group (not divided)"
+            "the vision tower and projector encode at most ceil(tiles / "
+            f"{layout.sequence_parallel}) of each pack's tiles, and every GPU holds the gathered features of "
+            "all tiles and their gradient"
         )
     if cfg.lora.enabled and cfg.lora.quantize:
         notes.append("lora.quantize=4bit is not modelled: base weights are counted at 16 bits")
@@ -782,7 +793,15 @@ def format_plan(plan: dict) -> str:
         f"  activations (estimate){'':<16}{_gib(act['total'])}   per pack: {w['tokens']} tokens, "
         f"{w['tiles']} tiles, LM head on {w['supervised']} positions"
     )
-    for key in ("llm", "vision", "projector", "logits", "tree_mask", "reference_forward"):
+    for key in (
+        "llm",
+        "vision",
+        "projector",
+        "gathered_features",
+        "logits",
+        "tree_mask",
+        "reference_forward",
+    ):
         if act[key]:
             lines.append(f"    {key:<36}{_gib(act[key])}")
     head = plan["lm_head"]

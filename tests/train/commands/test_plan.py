@@ -16,7 +16,10 @@ from vlmtune.train.commands.plan import (
     BYTES_PER_PARAM,
     LayerShape,
     Layout,
+    ModelShapes,
     ParamCounts,
+    Workload,
+    activation_bytes,
     candidate_layouts,
     layer_activation_bytes_per_token,
     logits_bytes,
@@ -300,7 +303,7 @@ def test_cli_mpo_reference(tmp_path, reference, shards) -> None:
     assert plan["layout"]["gradient_checkpointing"] and plan["activations"]["tree_mask"] == s * s * (1 + 2)
 
 
-def test_cli_sequence_parallel_divides_llm_activations_and_lm_head_by_hand(tmp_path) -> None:
+def test_cli_sequence_parallel_divides_llm_vision_and_lm_head_by_hand(tmp_path) -> None:
     """A 64k-token pack (a 64-frame video: 64 tiles) on InternVL3-38B, ZeRO-3 on 8 GPUs, bf16, gradient
     checkpointing, LM head 1024 rows at a time. With `--sequence-parallel 8` each GPU runs the LLM on an
     8192-token slice: 64 layers x 8192 tokens x 2 B x 5120 kept inputs, plus one recomputed layer and half
@@ -308,9 +311,28 @@ def test_cli_sequence_parallel_divides_llm_activations_and_lm_head_by_hand(tmp_p
     un-split 65536-token figure. The LM head: at most the slice's 8192 positions on the busiest GPU, so a
     quarter supervised (16384 positions, maybe all in one slice) and fully supervised give the same
     8192-row figure: one 1024-row chunk (logits 2 B + fp32 copy + gradient, 10 B per vocab entry), the head
-    weight's fp32 gradient and per position a log-sum-exp and an fp32 hidden gradient. Vision and model
-    states are not divided; 16-way would not divide the 40 heads."""
+    weight's fp32 gradient and per position a log-sum-exp and an fp32 hidden gradient.
+
+    The vision tower (InternViT-6B: width 3200, MLP 12800, 45 layers, 448-px tiles of 14-px patches: 1025
+    tokens a tile) encodes each GPU's 8 of the 64 tiles. Per token and layer, bf16: two norms (fp32 input
+    copy 4w + normalised 2w each), q/k/v input 2w, q, k, v 2w each, attention output 2w, q and k norms 6w
+    each, fc1 input 2w, fc1 output and GELU output 2*12800 each, the two layer scales' inputs 2w each:
+    40w + 4*12800 = 179,200 B. Checkpointed: 45 layers' inputs (2w a token) plus 1.5 layers. The projector
+    (pixel-shuffled width 4 x 3200 = 12800 -> 5120, 256 tokens a tile) keeps its LayerNorm's input and
+    output and its GELU's and linear_2's inputs; both 1/8. Every GPU then holds all 64 tiles' gathered
+    features [64 x 256, 5120] in bf16 and their gradient. Model states are not divided; 16-way would not
+    divide the 40 heads."""
     v, h, layer = 151_674, 5120, 327_680
+    w, mlp, depth, per_tile = 3200, 12800, 45, (448 // 14) ** 2 + 1
+    vision_per_token = 2 * 6 * w + 2 * w + 3 * 2 * w + 2 * w + 2 * 6 * w + 2 * w + 2 * 2 * mlp + 2 * 2 * w
+    assert vision_per_token == 179_200 and per_tile == 1025
+
+    def vision_by_hand(tiles: int) -> int:
+        tokens = tiles * per_tile
+        return depth * tokens * 2 * w + tokens * vision_per_token * 3 // 2
+
+    def projector_by_hand(tiles: int) -> int:
+        return tiles * 256 * 2 * (2 * 4 * w + 2 * h)
 
     def plan(sp: int, fraction: float) -> dict:
         out = tmp_path / f"plan_{sp}_{fraction}.json"
@@ -328,9 +350,47 @@ def test_cli_sequence_parallel_divides_llm_activations_and_lm_head_by_hand(tmp_p
     assert split["lm_head"]["bytes"] == split["activations"]["logits"] == head_8192
     assert quarter["lm_head"]["bytes"] == quarter["activations"]["logits"] == head_8192
     assert one["lm_head"]["bytes"] == 1024 * v * 10 + v * h * 4 + 65536 * (4 + 4 * h)
-    assert split["activations"]["vision"] == one["activations"]["vision"] > 0
+    assert one["activations"]["vision"] == vision_by_hand(64) == 36_526_080_000
+    assert split["activations"]["vision"] == vision_by_hand(8) == 4_565_760_000
+    assert one["activations"]["vision"] == 8 * split["activations"]["vision"]
+    assert one["activations"]["projector"] == projector_by_hand(64) == 8 * split["activations"]["projector"]
+    assert one["activations"]["gathered_features"] == 0  # un-split: the features are the merged embeddings
+    assert split["activations"]["gathered_features"] == 2 * 64 * 256 * h * 2 == 335_544_320
     assert split["model_states"] == one["model_states"]
-    saved = sum(one["activations"][k] - split["activations"][k] for k in ("llm", "logits"))
+    saved = sum(
+        one["activations"][k] - split["activations"][k] for k in ("llm", "logits", "vision", "projector")
+    )
+    saved -= split["activations"]["gathered_features"]
     assert one["per_gpu_bytes"] - split["per_gpu_bytes"] == pytest.approx(saved)
     with pytest.raises(ValueError, match="does not divide the LLM's 40 attention heads"):
         main(["model=internvl3_38b", "deepspeed=zero3", "--sequence-parallel", "16", "--gpus", "16"])
+
+
+def test_sequence_parallel_vision_counts_the_largest_share() -> None:
+    """13 tiles over 8 GPUs: the first 5 encode 2 (train/model/sequence_parallel.py ``tile_bounds``), so the
+    busiest GPU's vision and projector figures are those of 2 tiles un-split; the gathered features are
+    all 13 tiles' (features + gradient, bf16)."""
+    llm = LayerShape(128, 64, 256, gated_mlp=True)
+    shapes = ModelShapes(llm, 2, 1000, LayerShape(64, 64, 256, gated_mlp=False), 2, 17, 4, 256)
+
+    def act(tiles: int, sp: int) -> dict[str, int]:
+        work = Workload(tokens=1024, tiles=tiles, supervised=256)
+        kw = dict(
+            act_bytes=2, checkpointing=True, micro_batch_size=1, vision_trains=True, projector_trains=True
+        )
+        return activation_bytes(shapes, work, sequence_parallel=sp, **kw)
+
+    split, two = act(13, 8), act(2, 1)
+    assert split["vision"] == two["vision"] > 0 and split["projector"] == two["projector"] > 0
+    assert split["gathered_features"] == 2 * 13 * 4 * 128 * 2 and two["gathered_features"] == 0
+    frozen = activation_bytes(
+        shapes,
+        Workload(tokens=1024, tiles=13, supervised=256),
+        act_bytes=2,
+        checkpointing=True,
+        micro_batch_size=1,
+        vision_trains=False,
+        projector_trains=False,
+        sequence_parallel=8,
+    )
+    assert frozen["vision"] == frozen["projector"] == 0 and frozen["gathered_features"] == 13 * 4 * 128 * 2

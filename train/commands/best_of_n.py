@@ -38,7 +38,6 @@ from vlmtune.train.runtime.sampler import (
     Sample,
     SampleRequest,
     SamplingRun,
-    SamplingSettings,
     add_run_arguments,
     build_engine,
     command_ranks,
@@ -49,7 +48,7 @@ from vlmtune.train.runtime.sampler import (
 Scorer = Callable[[str, list[str], list[str]], list[list[float]]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BestOfNConfig(SamplingRun):
     """What `best-of-n` does; every field is a command-line flag of the same name."""
 
@@ -172,7 +171,7 @@ def run_best_of_n(
     out = Path(cfg.out)
     ranks = {"rank": cfg.rank, "world_size": cfg.world_size, "wait_timeout": cfg.wait_timeout}
     requests = [SampleRequest(q.key, q.item) for q in questions]
-    settings = SamplingSettings(cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+    settings = cfg.settings()
     samples = run_sampler(requests, settings, engine, out / "samples", identity=identity, **ranks)
     greedy_settings = replace(settings, n=1, temperature=0.0)
     greedy = run_sampler(requests, greedy_settings, engine, out / "greedy", identity=identity, **ranks)

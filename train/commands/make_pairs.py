@@ -34,7 +34,6 @@ from vlmtune.train.runtime.sampler import (
     Sample,
     SampleRequest,
     SamplingRun,
-    SamplingSettings,
     add_run_arguments,
     build_engine,
     command_ranks,
@@ -46,7 +45,7 @@ PIPELINES = ("correctness", "dropout_ntp")
 NTP_KEEP = 0.5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PairsConfig(SamplingRun):
     """What `make-pairs` does; every field is a command-line flag of the same name."""
 
@@ -68,9 +67,6 @@ class PairsConfig(SamplingRun):
     max_pairs_per_question: int = 3
     #: "jsonl" (MMPR annotation files) or "hf" (a Hugging Face dataset per input dataset, save_to_disk).
     format: str = "jsonl"
-
-    def settings(self) -> SamplingSettings:
-        return SamplingSettings(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
 
 
 @dataclass

@@ -40,7 +40,6 @@ from vlmtune.train.runtime.sampler import (
     Sample,
     SampleRequest,
     SamplingRun,
-    SamplingSettings,
     add_run_arguments,
     build_engine,
     command_ranks,
@@ -48,7 +47,7 @@ from vlmtune.train.runtime.sampler import (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PRMDataConfig(SamplingRun):
     """What `prm-data` does; every field is a command-line flag of the same name."""
 
@@ -69,9 +68,6 @@ class PRMDataConfig(SamplingRun):
     threshold: float = 0.0
     max_steps: int = MAX_STEPS
     system_prompt: str = DEFAULT_PRM_SYSTEM_PROMPT
-
-    def settings(self) -> SamplingSettings:
-        return SamplingSettings(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
 
 
 def completion_correct(prefix: str, completion: Sample, answer: str, match: str, marker: str) -> bool:

@@ -410,8 +410,14 @@ ENGINES = ("transformers", "vllm")
 
 @dataclass(kw_only=True)
 class SamplingRun:
-    """The fields of every sampling command's config that `add_run_arguments` gives flags to."""
+    """The fields of every sampling command's config that `add_run_arguments` gives flags to, and the
+    sampling settings each command redefines with its own defaults (`settings` reads them)."""
 
+    #: Samples per request.
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
     seed: int = 0
     engine: str = "transformers"
     #: Requests per generate call (transformers engine).
@@ -422,6 +428,10 @@ class SamplingRun:
     world_size: int = 1
     #: How long a rank waits for the others' shards (flags mode) or at the barrier (torchrun), seconds.
     wait_timeout: float = 7 * 24 * 3600
+
+    def settings(self) -> SamplingSettings:
+        """The sampler's settings of this run."""
+        return SamplingSettings(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

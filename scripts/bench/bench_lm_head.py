@@ -47,6 +47,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,27 @@ def mem_available_bytes() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+def measure_step(loss_of: Callable[[int], Any], n: int) -> dict[str, float]:
+    """The measured forward + backward of ``loss_of(n)`` (after a garbage collection): the step's times, the
+    RSS just before it and the peak RSS growth above that, and the loss."""
+    gc.collect()
+    before = rss_mib()
+    t0 = time.perf_counter()
+    loss = loss_of(n)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    peak = peak_rss_mib()
+    return {
+        "forward_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "step_s": t2 - t0,
+        "rss_before_mib": before,
+        "peak_growth_mib": peak - before,
+        "loss": loss.item(),
+    }
+
+
 def body_child(args: argparse.Namespace) -> dict[str, Any]:
     """One side, one size through a real model (``--body-layers``): built as training builds it, then a
     warm-up step on a short row (chunked with a smaller chunk, below the measured peak) and the measured
@@ -139,11 +161,11 @@ def body_child(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     model.train()
-    g = torch.Generator().manual_seed(args.seed)
+    rng = torch.Generator().manual_seed(args.seed)
     n = args.n
-    input_ids = torch.randint(0, image_token, (1, n), generator=g)  # no <IMG_CONTEXT>: text only
+    input_ids = torch.randint(0, image_token, (1, n), generator=rng)  # no <IMG_CONTEXT>: text only
     position_ids = (torch.arange(n) % args.sample_tokens).unsqueeze(0)  # samples packed in one row
-    targets = torch.randint(0, args.vocab, (1, n), generator=g)
+    targets = torch.randint(0, args.vocab, (1, n), generator=rng)
     weights = torch.full((1, n), 1.0 / n)  # "token" reduction, fully supervised
     size = cfg.vision["image_size"]
 
@@ -162,25 +184,13 @@ def body_child(args: argparse.Namespace) -> dict[str, Any]:
     loss_of(rows).backward()
     setattr(model, HEAD_CHUNK_ATTR, cfg.head_chunk_size)
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    before = rss_mib()
-    t0 = time.perf_counter()
-    loss = loss_of(n)
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    peak = peak_rss_mib()
+    measured = measure_step(loss_of, n)
     grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
     return {
-        "forward_s": t1 - t0,
-        "backward_s": t2 - t1,
-        "step_s": t2 - t0,
-        "rss_before_mib": before,
-        "peak_growth_mib": peak - before,
-        "loss": loss.item(),
+        **measured,
         "grad_head_norm": model.lm_head.weight.grad.double().norm().item(),
         "grad_embed_norm": model.get_input_embeddings().weight.grad.double().norm().item(),
-        "grad_total_norm": torch.stack([g.norm() for g in grads]).norm().item(),
+        "grad_total_norm": torch.stack([grad.norm() for grad in grads]).norm().item(),
         "threads": torch.get_num_threads(),
     }
 
@@ -204,10 +214,10 @@ def child(args: argparse.Namespace) -> None:
         return
     dtype = getattr(torch, args.dtype)
     n, vocab, hidden_size = args.n, args.vocab, args.hidden
-    g = torch.Generator().manual_seed(args.seed)
-    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(dtype).requires_grad_()
-    hidden = torch.randn(n, hidden_size, generator=g).to(dtype).requires_grad_()
-    targets = torch.randint(0, vocab, (n,), generator=g)
+    rng = torch.Generator().manual_seed(args.seed)
+    weight = (torch.randn(vocab, hidden_size, generator=rng) * 0.02).to(dtype).requires_grad_()
+    hidden = torch.randn(n, hidden_size, generator=rng).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=rng)
     weights = torch.full((n,), 1.0 / n, dtype=torch.float64)  # "token" reduction, fully supervised
 
     def loss_of(rows: int) -> torch.Tensor:
@@ -220,21 +230,8 @@ def child(args: argparse.Namespace) -> None:
 
     loss_of(min(n, 2 * args.chunk_size, 256)).backward()
     hidden.grad = weight.grad = None
-    gc.collect()
-    before = rss_mib()
-    t0 = time.perf_counter()
-    loss = loss_of(n)
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    peak = peak_rss_mib()
     result = {
-        "forward_s": t1 - t0,
-        "backward_s": t2 - t1,
-        "step_s": t2 - t0,
-        "rss_before_mib": before,
-        "peak_growth_mib": peak - before,
-        "loss": loss.item(),
+        **measure_step(loss_of, n),
         "grad_hidden_norm": hidden.grad.double().norm().item(),
         "grad_weight_norm": weight.grad.double().norm().item(),
         "threads": torch.get_num_threads(),

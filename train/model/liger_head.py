@@ -25,6 +25,8 @@ import os
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from vlmtune.train.model.lm_head import grads_needed, hand_over, keep_for_backward
+
 #: The first liger-kernel whose reduction="none" backward is exact for per-token upstream gradients.
 MIN_LIGER_VERSION = "0.8.2"
 _IGNORE_INDEX = -100  # Liger's ignore_index; our negative targets all map to it
@@ -127,15 +129,14 @@ class _LigerWeightedLogpSum(torch.autograd.Function):
         weights: torch.Tensor,
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
-        loss, ctx.grads = _fused(hidden, weight, bias, targets, -weights, needs)
+        loss, grads = _fused(hidden, weight, bias, targets, -weights, needs)
+        keep_for_backward(ctx, grads)
         return -(weights * loss).sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if ctx.grads is None:
-            raise RuntimeError("liger_weighted_logp_sum's backward runs once: its gradients were handed over")
-        grads, ctx.grads = ctx.grads, None
+        grads = hand_over(ctx, "liger_weighted_logp_sum", "liger_token_logps")
         return (*(None if g is None else g * grad_out.to(g.dtype) for g in grads), None, None, None)
 
 
@@ -162,6 +163,5 @@ def liger_weighted_logp_sum(
 ) -> torch.Tensor:
     """``lm_head.weighted_logp_sum`` through Liger's kernel: sum_i weights_i log p(target_i | hidden_i),
     ``weights`` [N] data (fp32, no gradient), negative targets contributing 0."""
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
+    needs = grads_needed(hidden, weight, bias)
     return _LigerWeightedLogpSum.apply(hidden, weight, bias, _liger_targets(targets), weights, needs)

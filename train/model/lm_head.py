@@ -18,6 +18,8 @@ makes the gradients in the forward pass while each chunk's logits are at hand: 3
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -87,6 +89,35 @@ def _kept_rows(targets: torch.Tensor) -> torch.Tensor | None:
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
+
+
+def grads_needed(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[bool, bool, bool]:
+    """Which of hidden, weight and bias want a gradient (none under no_grad): what a Function that makes its
+    gradients in the forward pass is told, since ``ctx.needs_input_grad`` only holds in the backward. Used
+    here and by Liger's head (train/model/liger_head.py)."""
+    grad_on = torch.is_grad_enabled()
+    return tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
+
+
+def keep_for_backward(ctx: FunctionCtx, grads: Any) -> None:
+    """Hold the gradients a forward pass made (not save_for_backward: they are neither inputs nor outputs)
+    until the backward takes them, once, with ``hand_over``."""
+    ctx.grads, ctx.handed_over = grads, False
+
+
+def hand_over(ctx: FunctionCtx, name: str, per_token: str) -> Any:
+    """The gradients ``keep_for_backward`` held, freed from ``ctx`` as they are handed over; a second
+    backward through the same graph is an error (``name``: the entry point; ``per_token``: the one to use
+    instead), not a silent zero."""
+    if ctx.handed_over:
+        raise RuntimeError(
+            f"{name}'s backward runs once: its gradients, made in the forward pass, were handed over and "
+            f"freed (use {per_token} to backpropagate through the head more than once)"
+        )
+    grads, ctx.grads, ctx.handed_over = ctx.grads, None, True
+    return grads
 
 
 class _ChunkBuffers:
@@ -277,21 +308,15 @@ class _ChunkedWeightedLogpSum(torch.autograd.Function):
         del buffers
         if grads is not None:
             grads.weight_part = None  # the per-chunk scratch goes now; the sums wait for the backward
-        # Not save_for_backward: these are neither inputs nor outputs, and only the backward reads them.
-        ctx.grads, ctx.rows, ctx.meta = grads, rows, ((hidden.shape, hidden.dtype), _dtype(bias))
-        ctx.handed_over = False
+        keep_for_backward(ctx, grads)
+        ctx.rows, ctx.meta = rows, ((hidden.shape, hidden.dtype), _dtype(bias))
         out_dtype = torch.promote_types(dtype, weights.dtype)
         return (w.to(out_dtype) * logps.to(out_dtype)).sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if ctx.handed_over:
-            raise RuntimeError(
-                "weighted_logp_sum's backward runs once: its gradients, made in the forward pass, were handed "
-                "over and freed (use token_logps to backpropagate through the head more than once)"
-            )
-        grads, ctx.grads, ctx.handed_over = ctx.grads, None, True  # freed as soon as handed over
+        grads = hand_over(ctx, "weighted_logp_sum", "token_logps")
         if grads is None:
             return (None,) * 7
         hidden, bias_dtype = ctx.meta
@@ -357,6 +382,5 @@ def weighted_logp_sum(
         raise ValueError("weighted_logp_sum takes no gradient for weights: pass weights.detach()")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
+    needs = grads_needed(hidden, weight, bias)
     return _ChunkedWeightedLogpSum.apply(hidden, weight, bias, targets, weights, chunk_size, needs)

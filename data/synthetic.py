@@ -332,6 +332,23 @@ def write_meta(path: Path, name: str, annotation: str, *, data_augment: bool, **
     return path
 
 
+def write_split(
+    out: Path,
+    stem: str,
+    name: str,
+    records: list[dict[str, Any]],
+    data_augment: bool | None = None,
+    **extra: Any,
+) -> Path:
+    """One split of a generated dataset: ``{stem}.jsonl`` and its meta file ``meta_{stem}.json`` (dataset
+    ``name``; augmented, unless told otherwise, when the stem is a training split)."""
+    write_jsonl(out / f"{stem}.jsonl", records)
+    augment = stem.endswith("train") if data_augment is None else data_augment
+    return write_meta(
+        out / f"meta_{stem}.json", name, f"{stem}.jsonl", data_augment=augment, length=len(records), **extra
+    )
+
+
 def generate_sft_dataset(
     out_dir: str | Path,
     *,
@@ -362,15 +379,7 @@ def generate_sft_dataset(
     splits = {"train": (num_train, num_videos), "eval": (num_eval, max(0, num_videos // 4))}
     for split, (n, videos) in splits.items():
         records = make_records(split, n, rng, writer, image_size_range, videos, task_weights, max_aspect)
-        write_jsonl(out / f"{split}.jsonl", records)
-        write_meta(
-            out / f"meta_{split}.json",
-            f"{name}_{split}",
-            f"{split}.jsonl",
-            data_augment=split == "train",
-            length=len(records),
-            **extra,
-        )
+        write_split(out, split, f"{name}_{split}", records, **extra)
     return out / "meta_train.json"
 
 
@@ -566,15 +575,7 @@ def generate_pair_dataset(
         records = make_pair_records(
             f"pairs_{split}", n, rng, writer, image_size_range, reasoning_share, tasks, max_aspect
         )
-        write_jsonl(out / f"pairs_{split}.jsonl", records)
-        write_meta(
-            out / f"meta_pairs_{split}.json",
-            f"shapes_pairs_{split}",
-            f"pairs_{split}.jsonl",
-            data_augment=split == "train",
-            length=len(records),
-            **extra,
-        )
+        write_split(out, f"pairs_{split}", f"shapes_pairs_{split}", records, **extra)
     return out / "meta_pairs_train.json"
 
 
@@ -638,13 +639,8 @@ def generate_text_corpus(
             if doc not in seen:
                 seen.add(doc)
                 docs.append(doc)
-        write_jsonl(out / f"{name}_{split}.jsonl", [{"text": d} for d in docs])
-        write_meta(
-            out / f"meta_{name}_{split}.json",
-            f"{name}_{split}",
-            f"{name}_{split}.jsonl",
-            data_augment=False,
-            length=n,
+        write_split(
+            out, f"{name}_{split}", f"{name}_{split}", [{"text": d} for d in docs], data_augment=False
         )
     return out / f"meta_{name}_train.json"
 
@@ -708,8 +704,10 @@ def generate_step_dataset(
     writer = _ImageWriter(out)
     rng = random.Random(seed)
     for split, n in (("train", num_train), ("eval", num_eval)):
-        records = make_step_records(split, n, rng, writer, image_size_range, max_aspect)
-        write_jsonl(out / f"{split}.jsonl", records)
-        meta = out / f"meta_{split}.json"
-        write_meta(meta, f"{name}_{split}", f"{split}.jsonl", data_augment=split == "train", length=n)
+        write_split(
+            out,
+            split,
+            f"{name}_{split}",
+            make_step_records(split, n, rng, writer, image_size_range, max_aspect),
+        )
     return out / "meta_train.json"

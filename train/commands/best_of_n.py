@@ -11,11 +11,15 @@ are nested, as the paper's are) it reports, per dataset and overall:
   not vote; ties: the answer seen first), right when that answer is.
 - ``pass``: pass@N, whether any of the N samples is right (the ceiling of any selection).
 - ``greedy``: beside them, one number per dataset.
+- ``best_of_n_blank[agg]`` (``--blank-control``): the same PRM choosing among the same samples with every
+  image blanked; near chance when its judgement comes from the pixels, near ``best_of_n`` when it rates
+  the text alone (the evaluation's blank-image control, for the critic).
 
 A sample is right when it ended by itself and its answer matches (`answers_match`). Output:
 ``best_of_n.json``, ``best_of_n.png`` (accuracy vs N, all datasets), ``records.jsonl`` (each question's
 samples' correctness and scores), the sampler's ``samples/`` and ``greedy/``, and ``scores.jsonl``
-(the PRM's step scores, kept so a rerun only scores what is new). The PRM scores on rank 0.
+(the PRM's step scores, kept so a rerun only scores what is new; ``scores_blank.jsonl`` for the control).
+The PRM scores on rank 0.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class BestOfNConfig(SamplingRun):
     max_new_tokens: int = 1024
     match: str = "marker"
     marker: str = DEFAULT_MARKER
+    #: Also select with the PRM fed blank images (``best_of_n_blank``): does its judgement need the pixels?
+    blank_control: bool = False
 
     def __post_init__(self) -> None:
         if not self.ns or any(k < 1 or k > self.n for k in self.ns):
@@ -84,14 +90,21 @@ def response_score(steps: list[float], how: str) -> float:
     return aggregate(steps, how) if steps else -math.inf
 
 
+def picks(step_scores: list[list[float]], k: int, aggregations: list[str]) -> dict[str, int]:
+    """Per aggregation, the index of the PRM's choice among the first ``k`` responses."""
+    return {how: best_of_n([response_score(x, how) for x in step_scores[:k]]) for how in aggregations}
+
+
 def question_outcomes(
     samples: list[Sample],
     step_scores: list[list[float]],
     greedy: Sample,
     answer: str,
     cfg: BestOfNConfig,
+    blank_scores: list[list[float]] | None = None,
 ) -> dict[str, Any]:
-    """One question's correctness under every selection and N (1.0 right, 0.0 wrong)."""
+    """One question's correctness under every selection and N (1.0 right, 0.0 wrong); with
+    ``blank_scores`` (the PRM's on blank images) also the control's choice."""
     right = [is_right(s, answer, cfg.match, cfg.marker) for s in samples]
     votes = [
         extract_answer(s.text, cfg.match, marker=cfg.marker) if s.finish_reason == "stop" else None
@@ -99,16 +112,17 @@ def question_outcomes(
     ]
     by_n: dict[str, Any] = {}
     for k in cfg.ns:
-        picks = {
-            how: best_of_n([response_score(x, how) for x in step_scores[:k]]) for how in cfg.aggregations
-        }
+        picked = picks(step_scores, k, cfg.aggregations)
         voted = majority_vote(votes[:k])
         by_n[str(k)] = {
-            "best_of_n": {how: float(right[i]) for how, i in picks.items()},
-            "picked": picks,
+            "best_of_n": {how: float(right[i]) for how, i in picked.items()},
+            "picked": picked,
             "majority": float(voted is not None and right[voted]),
             "pass": float(pass_at(right, k)),
         }
+        if blank_scores is not None:
+            blank = picks(blank_scores, k, cfg.aggregations)
+            by_n[str(k)]["best_of_n_blank"] = {how: float(right[i]) for how, i in blank.items()}
     return {"greedy": float(is_right(greedy, answer, cfg.match, cfg.marker)), "right": right, "n": by_n}
 
 
@@ -120,9 +134,13 @@ def mean_outcomes(outcomes: list[dict[str, Any]], cfg: BestOfNConfig) -> dict[st
         return sum(values) / count if count else 0.0
 
     table: dict[str, Any] = {"questions": count, "greedy": mean([o["greedy"] for o in outcomes]), "n": {}}
+    selections = ("best_of_n", "best_of_n_blank") if cfg.blank_control else ("best_of_n",)
     for k in map(str, cfg.ns):
         table["n"][k] = {
-            "best_of_n": {h: mean([o["n"][k]["best_of_n"][h] for o in outcomes]) for h in cfg.aggregations},
+            **{
+                sel: {h: mean([o["n"][k][sel][h] for o in outcomes]) for h in cfg.aggregations}
+                for sel in selections
+            },
             "majority": mean([o["n"][k]["majority"] for o in outcomes]),
             "pass": mean([o["n"][k]["pass"] for o in outcomes]),
         }
@@ -163,9 +181,16 @@ def score_samples(
 
 
 def run_best_of_n(
-    cfg: BestOfNConfig, engine: Engine, scorer: Scorer, identity: str = ""
+    cfg: BestOfNConfig,
+    engine: Engine,
+    scorer: Scorer,
+    identity: str = "",
+    blank_scorer: Scorer | None = None,
 ) -> dict[str, Any] | None:
-    """Sample, score, select and (rank 0) write the report; returns it on rank 0, None elsewhere."""
+    """Sample, score, select and (rank 0) write the report; returns it on rank 0, None elsewhere.
+    ``blank_scorer``: the PRM on blank images, required with ``cfg.blank_control``."""
+    if cfg.blank_control and blank_scorer is None:
+        raise ValueError("blank_control needs the PRM's blank-image scorer")
     specs = load_meta(cfg.meta)
     questions, dropped = read_questions(specs, True, cfg.max_questions)
     out = Path(cfg.out)
@@ -178,8 +203,15 @@ def run_best_of_n(
     if cfg.rank != 0:
         return None
     scores = score_samples(questions, samples, scorer, out / "scores.jsonl", cfg.prm)
+    blank = (
+        score_samples(questions, samples, blank_scorer, out / "scores_blank.jsonl", cfg.prm)
+        if cfg.blank_control and blank_scorer is not None
+        else {}
+    )
     outcomes = [
-        question_outcomes(samples[q.key], scores[q.key], greedy[q.key][0], q.answer or "", cfg)
+        question_outcomes(
+            samples[q.key], scores[q.key], greedy[q.key][0], q.answer or "", cfg, blank.get(q.key)
+        )
         for q in questions
     ]
     return write_report(cfg, specs, questions, outcomes, scores, dict(dropped))
@@ -238,6 +270,15 @@ def plot_report(report: dict[str, Any], path: Path) -> str | None:
             ax.plot(
                 ns, [table["n"][str(k)]["best_of_n"][how] for k in ns], marker="o", label=f"best-of-N ({how})"
             )
+        if "best_of_n_blank" in table["n"][str(ns[0])]:
+            how = report["settings"]["aggregations"][0]
+            ax.plot(
+                ns,
+                [table["n"][str(k)]["best_of_n_blank"][how] for k in ns],
+                marker="x",
+                linestyle="--",
+                label=f"best-of-N ({how}), PRM on blank images",
+            )
         ax.plot(ns, [table["n"][str(k)]["majority"] for k in ns], marker="s", label="majority vote")
         ax.plot(ns, [table["n"][str(k)]["pass"] for k in ns], linestyle=":", marker="^", label="pass@N")
         ax.axhline(table["greedy"], color="grey", linestyle="--", label="greedy")
@@ -274,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prm-system-prompt", default=None, help="the PRM chat's system turn (prm-data's)")
     parser.add_argument("--prm-batch-size", type=int, default=8, help="responses per PRM forward pass")
     parser.add_argument("--prm-max-steps", type=int, default=None, help="steps per response (prm-data's)")
+    parser.add_argument(
+        "--blank-control", action="store_true", help="also select with the PRM fed blank images (a control)"
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     rank, world = command_ranks(parser, args)
@@ -291,19 +335,29 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(args.engine, model, args.batch_size)
     lazy: list[PRMScorer] = []
 
-    def scorer(question: str, images: list[str], responses: list[str]) -> list[list[float]]:
+    def scorer(
+        question: str, images: list[str], responses: list[str], blank: bool = False
+    ) -> list[list[float]]:
         if not lazy:  # loaded after sampling: the policy and the PRM need not both be resident at once
             lazy.append(PRMScorer(prm, args.prm_system_prompt, args.prm_batch_size, args.prm_max_steps))
-        return lazy[0](question, images, responses)
+        return lazy[0](question, images, responses, blank=blank)
 
-    report = run_best_of_n(cfg, engine, scorer, identity=f"{args.engine}:{model}")
+    def blank_scorer(question: str, images: list[str], responses: list[str]) -> list[list[float]]:
+        return scorer(question, images, responses, blank=True)
+
+    report = run_best_of_n(cfg, engine, scorer, identity=f"{args.engine}:{model}", blank_scorer=blank_scorer)
     if report is None:
         return 0
     overall, top = report["overall"], str(max(cfg.ns))
     best = overall["n"][top]
-    picks = ", ".join(f"{h} {v:.3f}" for h, v in best["best_of_n"].items())
+    chosen = ", ".join(f"{h} {v:.3f}" for h, v in best["best_of_n"].items())
+    control = (
+        " | blank images: " + ", ".join(f"{h} {v:.3f}" for h, v in best["best_of_n_blank"].items())
+        if cfg.blank_control
+        else ""
+    )
     print(
-        f"greedy {overall['greedy']:.3f} | best-of-{top} {picks} | majority {best['majority']:.3f} | "
+        f"greedy {overall['greedy']:.3f} | best-of-{top} {chosen}{control} | majority {best['majority']:.3f} | "
         f"pass@{top} {best['pass']:.3f} (n={overall['questions']}) -> {Path(cfg.out) / 'best_of_n.json'}"
     )
     return 0

@@ -126,11 +126,16 @@ class PRMScorer:
         media = load_media(self.data_cfg, spec, images, None, self.tokens_per_tile, random.Random(0), False)
         return media.pixel_values, media.image_tokens
 
-    def __call__(self, question: str, images: list[str], responses: list[str]) -> list[list[float]]:
-        """Each response's step scores (a response without steps: an empty list)."""
+    def __call__(
+        self, question: str, images: list[str], responses: list[str], blank: bool = False
+    ) -> list[list[float]]:
+        """Each response's step scores (a response without steps: an empty list); ``blank``: every
+        tile zeroed, as the evaluation's blank-image control (same tiles, same tokens, no pixels)."""
         from vlmtune.data.prm import prm_conversation, split_steps
 
         pixels, counts = self._media(images)
+        if blank:
+            pixels = torch.zeros_like(pixels)
         inputs: list[PRMInput | None] = []
         for text in responses:
             steps = split_steps(text, self.max_steps)

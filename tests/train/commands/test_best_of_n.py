@@ -130,3 +130,23 @@ def test_a_sample_without_steps_is_never_picked_over_one_with() -> None:
 def test_ns_beyond_n_are_refused() -> None:
     with pytest.raises(ValueError, match="--ns"):
         BestOfNConfig(model="p", prm="r", meta="m", out="o", n=4, ns=[1, 8])
+
+
+def test_blank_control_selects_with_the_blank_image_scores(meta: Path, tmp_path: Path) -> None:
+    """The control's choice comes from the blank-image scores alone (here 1 - the real ones), by hand:
+    alpha N=4 mean .45/.35/.1/.475 -> sample 3 (right), min .1/.2/.1/.05 -> 1 (right), last .8/.2/.1/.05
+    -> 0 (wrong); beta .7/.4/.3/.8 under all three -> sample 3 (right)."""
+
+    def inverted(question: str, images: list[str], responses: list[str]) -> list[list[float]]:
+        return [[1 - x for x in s] for s in stub_scorer(question, images, responses)]
+
+    out = tmp_path / "out"
+    cfg = BestOfNConfig(model="p", prm="r", meta=str(meta), out=str(out), n=4, ns=[4], blank_control=True)
+    with pytest.raises(ValueError, match="blank"):
+        run_best_of_n(cfg, StubEngine(), stub_scorer)
+    report = run_best_of_n(cfg, StubEngine(), stub_scorer, blank_scorer=inverted)
+    four = report["overall"]["n"]["4"]
+    assert four["best_of_n"] == {"mean": 0.0, "min": 0.0, "last": 0.5}  # unchanged by the control
+    assert four["best_of_n_blank"] == {"mean": 1.0, "min": 1.0, "last": 0.5}
+    assert report["per_dataset"]["alpha"]["n"]["4"]["best_of_n_blank"] == {"mean": 1.0, "min": 1.0, "last": 0.0}
+    assert (out / "scores_blank.jsonl").exists()

@@ -96,11 +96,12 @@ def test_prm_run_learns_the_verdicts_and_its_export_scores_them(prm_meta: Path, 
     bon = tmp_path / "bon"
     argv = ["--model", str(ckpt), "--prm", str(out / "hf"), "--meta", str(questions), "--out", str(bon)]
     argv += ["--n", "2", "--ns", "1,2", "--max-new-tokens", "6", "--max-questions", "2", "--temperature", "1"]
-    assert best_of_n_main(argv) == 0
+    assert best_of_n_main([*argv, "--blank-control"]) == 0
     report = json.loads((bon / "best_of_n.json").read_text())
     assert report["overall"]["questions"] == 2 and set(report["overall"]["n"]) == {"1", "2"}
     samples = [json.loads(line) for line in (bon / "samples" / "samples.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (bon / "records.jsonl").read_text().splitlines()]
+    blank_lines = [json.loads(line) for line in (bon / "scores_blank.jsonl").read_text().splitlines()]
     [qspec] = load_meta(questions)
     for k, (line, rec) in enumerate(zip(samples, records)):
         raw = record_source(qspec).read(k)
@@ -108,3 +109,8 @@ def test_prm_run_learns_the_verdicts_and_its_export_scores_them(prm_meta: Path, 
         expected = scorer(raw["conversations"][0]["value"], [str(qspec.root / raw["image"])], texts)
         assert [len(x) for x in rec["step_scores"]] == [len(x) for x in expected]
         assert sum(rec["step_scores"], []) == pytest.approx(sum(expected, []), abs=1e-6)
+        # the control: the same PRM on the same samples with the tiles zeroed (and that differs: pixels count)
+        blank = scorer(raw["conversations"][0]["value"], [str(qspec.root / raw["image"])], texts, blank=True)
+        assert sum(blank_lines[k]["scores"], []) == pytest.approx(sum(blank, []), abs=1e-6)
+        assert sum(blank, []) != pytest.approx(sum(expected, []), abs=1e-4)
+    assert "best_of_n_blank" in report["overall"]["n"]["2"]

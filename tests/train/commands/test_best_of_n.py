@@ -148,5 +148,9 @@ def test_blank_control_selects_with_the_blank_image_scores(meta: Path, tmp_path:
     four = report["overall"]["n"]["4"]
     assert four["best_of_n"] == {"mean": 0.0, "min": 0.0, "last": 0.5}  # unchanged by the control
     assert four["best_of_n_blank"] == {"mean": 1.0, "min": 1.0, "last": 0.5}
-    assert report["per_dataset"]["alpha"]["n"]["4"]["best_of_n_blank"] == {"mean": 1.0, "min": 1.0, "last": 0.0}
+    assert report["per_dataset"]["alpha"]["n"]["4"]["best_of_n_blank"] == {
+        "mean": 1.0,
+        "min": 1.0,
+        "last": 0.0,
+    }
     assert (out / "scores_blank.jsonl").exists()

@@ -687,6 +687,64 @@ def make_step_records(
     return records
 
 
+#: What a general model (the PRM demo's base, standing in for the InternVL model VisualPRM starts from)
+#: is asked besides the multi-step questions: one-word reads of the image, the attribute a sentence names
+#: (text alone: the step sentences' wording), and yes/no checks of a claim against the image.
+READ_QUESTIONS = {
+    "colour": "What colour is the shape? Answer with one word.",
+    "shape": "What shape is it? Answer with one word.",
+}
+WORDING_QUESTIONS = {
+    "colour": "Which colour does this sentence name? Answer with one word.",
+    "shape": "Which shape does this sentence name? Answer with one word.",
+}
+CHECK_QUESTIONS = {
+    "colour": "Is the colour of the shape {claim}? Answer yes or no.",
+    "shape": "Is the shape a {claim}? Answer yes or no.",
+}
+
+
+def make_general_records(step_records: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Per multi-step record, on its image: a one-word read of each attribute and a yes/no check of each
+    (the claim right half the time, else another value); per attribute a text-only question on the wording
+    of a step sentence (`step_solution`'s, any value). ``task``/``answer`` as the other generators'.
+
+    Why a base needs these (measured on the tiny model): SFT on the multi-step answers alone leaves the
+    claim of a step unreadable at the position that judges it (a linear probe: 0.48 of 6 colours), and a
+    PRM trained from there never learns to compare claim and image (held-out AUC 0.50 on noise-free labels);
+    the wording questions bring the claim there (probe 0.89), the checks the comparison itself."""
+    values = {"colour": tuple(COLOURS), "shape": SHAPES}
+    out: list[dict[str, Any]] = []
+    for record in step_records:
+        truth = dict(zip(("colour", "shape"), record["answer"].split()))
+        for attr, pool in values.items():
+            image = record["image"]
+            out.append(_record(image, READ_QUESTIONS[attr], truth[attr], f"read_{attr}"))
+            claim = truth[attr] if rng.random() < 0.5 else rng.choice([v for v in pool if v != truth[attr]])
+            answer = "yes" if claim == truth[attr] else "no"
+            out.append(_record(image, CHECK_QUESTIONS[attr].format(claim=claim), answer, f"check_{attr}"))
+            word = rng.choice(pool)
+            colour, kind = (
+                (word, rng.choice(SHAPES)) if attr == "colour" else (rng.choice(list(COLOURS)), word)
+            )
+            sentence = rng.choice(step_solution(colour, kind).split("\n\n"))
+            if word not in sentence:  # the answer line names both; the other lines one attribute each
+                sentence = step_solution(colour, kind).split("\n\n")[0 if attr == "colour" else 1]
+            text = f"{sentence}\n{WORDING_QUESTIONS[attr]}"
+            out.append({"conversations": _turns(text, word), "task": f"wording_{attr}", "answer": word})
+    rng.shuffle(out)
+    return out
+
+
+def _record(image: str, question: str, answer: str, task: str) -> dict[str, Any]:
+    return {
+        "image": image,
+        "conversations": _turns("<image>\n" + question, answer),
+        "task": task,
+        "answer": answer,
+    }
+
+
 def generate_step_dataset(
     out_dir: str | Path,
     *,
@@ -696,18 +754,21 @@ def generate_step_dataset(
     image_size_range: tuple[int, int] = (40, 300),
     max_aspect: float = 3.0,
     name: str = "steps",
+    general: bool = False,
 ) -> Path:
     """The multi-step questions' dataset, laid out as `generate_sft_dataset`'s (``train.jsonl``,
-    ``eval.jsonl``, ``meta_train.json``, ``meta_eval.json``); returns ``meta_train.json``."""
+    ``eval.jsonl``, ``meta_train.json``, ``meta_eval.json``); returns ``meta_train.json``. ``general``:
+    also ``general_{train,eval}.jsonl`` and ``meta_general_*.json``, the multi-step records plus
+    `make_general_records` on the same images (a general model's SFT data)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = _ImageWriter(out)
     rng = random.Random(seed)
     for split, n in (("train", num_train), ("eval", num_eval)):
-        write_split(
-            out,
-            split,
-            f"{name}_{split}",
-            make_step_records(split, n, rng, writer, image_size_range, max_aspect),
-        )
+        records = make_step_records(split, n, rng, writer, image_size_range, max_aspect)
+        write_split(out, split, f"{name}_{split}", records)
+        if general:
+            mixed = records + make_general_records(records, rng)
+            rng.shuffle(mixed)
+            write_split(out, f"general_{split}", f"general_{split}", mixed)
     return out / "meta_train.json"

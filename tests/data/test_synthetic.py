@@ -243,3 +243,47 @@ def test_step_questions_balanced_three_steps_and_the_pixels_hold_both_facts(tmp_
             values = Counter(map(tuple, rgb[shape_pixels(Image.open(tmp_path / r["image"]))].tolist()))
             assert values.most_common(1)[0][0] == COLOURS[colour]
     assert [s.name for s in load_meta(tmp_path / "meta_eval.json")] == ["steps_eval"]
+
+
+def test_general_mixture_reads_checks_and_wording_are_right(tmp_path):
+    """The PRM base's mixture: per multi-step record its image read in one word (the truth), checked
+    yes/no (yes exactly when the claim is the truth, about half the time), and a sentence of a step's
+    wording whose named attribute is the answer; the multi-step records themselves are in it too."""
+    from vlmtune.data.synthetic import CHECK_QUESTIONS, READ_QUESTIONS, SHAPES, WORDING_QUESTIONS
+
+    generate_step_dataset(tmp_path, num_train=90, num_eval=18, seed=4, general=True)
+    steps = {r["image"]: r for r in records(tmp_path / "train.jsonl")}
+    mixed = records(tmp_path / "general_train.jsonl")
+    tasks = Counter(r["task"] for r in mixed)
+    assert tasks["steps"] == 90 and all(
+        tasks[f"{t}_{a}"] == 90 for t in ("read", "check", "wording") for a in ("colour", "shape")
+    )
+    yes = Counter()
+    for r in mixed:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if r["task"].startswith("wording"):
+            attr = r["task"].split("_")[1]
+            sentence, asked = question.split("\n")
+            assert (
+                "image" not in r
+                and asked == WORDING_QUESTIONS[attr]
+                and answer in sentence.rstrip(".").split()
+            )
+            continue
+        if r["task"] == "steps":
+            continue
+        colour, kind = steps[r["image"]]["answer"].split()
+        attr = r["task"].split("_")[1]
+        truth = colour if attr == "colour" else kind
+        if r["task"].startswith("read"):
+            assert question == "<image>\n" + READ_QUESTIONS[attr] and answer == truth
+        else:
+            claim = [
+                v
+                for v in (COLOURS if attr == "colour" else SHAPES)
+                if question == "<image>\n" + CHECK_QUESTIONS[attr].format(claim=v)
+            ]
+            assert len(claim) == 1 and answer == ("yes" if claim[0] == truth else "no")
+            yes[answer] += 1
+    assert 0.35 < yes["yes"] / 180 < 0.65
+    assert [s.name for s in load_meta(tmp_path / "meta_general_eval.json")] == ["general_eval"]

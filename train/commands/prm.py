@@ -38,6 +38,7 @@ class PRMMethod(SFTMethod):
     def processor(self, cfg: Any, tokenizer: Any, tokens_per_tile: int) -> Any:
         from vlmtune.train.runtime.prm_score import verdict_ids
 
+        check_prm_meta(cfg.data.meta_path)  # here, after a demo preset has written it, before any step
         self.ids = verdict_ids(tokenizer)  # refused here, at start, when '+' or '-' is not one token
         return super().processor(cfg, tokenizer, tokens_per_tile)
 
@@ -48,7 +49,6 @@ class PRMMethod(SFTMethod):
 
 
 def run_prm(cfg: Any) -> dict[str, Any]:
-    check_prm_meta(cfg.data.meta_path)
     return run_training(cfg, PRMMethod())
 
 

@@ -35,6 +35,8 @@ def prepare_demo_inputs(cfg: Any) -> None:
         prepare_onpolicy_demo(cfg)
     elif isinstance(cfg, MPORunConfig):
         prepare_mpo_demo(cfg)
+    elif Path(cfg.data.meta_path).parent.name == PRM_DATA:
+        prepare_prm_demo(cfg)
     else:
         prepare_demo(cfg)
 
@@ -139,20 +141,20 @@ def prepare_mpo_demo(cfg: Any, sft_steps: int = 50, num_pairs: int = 3000) -> No
     train_weak_sft(Path(cfg.model.pretrained), meta.parent, sft_steps)
 
 
-def train_weak_sft(weak: Path, data: Path, sft_steps: int = 50) -> None:
+def train_weak_sft(weak: Path, data: Path, sft_steps: int = 50, meta: str = "meta_train.json") -> None:
     """The MPO demos' starting point at ``weak`` (an ``OUTPUT_DIR/hf``), if missing: the SFT demo on
-    ``data/meta_train.json`` for ``sft_steps`` steps from ``data/../tiny_init`` (both made if missing)."""
+    ``data/meta`` for ``sft_steps`` steps from ``data/../tiny_init`` (the checkpoint made if missing)."""
     if (weak / "config.json").exists():
         return
     out = weak.parent
-    log.info("training the weak SFT starting point (%d steps) in %s", sft_steps, out)
+    log.info("training an SFT starting point (%d steps on %s) in %s", sft_steps, meta, out)
     run_sft_demo(
         [
             f"train.max_steps={sft_steps}",
             f"train.output_dir={out}",
             "train.save_every=0",
             "eval_data=null",
-            f"data.meta_path={data / 'meta_train.json'}",
+            f"data.meta_path={data / meta}",
             f"model.pretrained={data.parent / 'tiny_init'}",
         ]
     )
@@ -226,6 +228,62 @@ def prepare_onpolicy_demo(
             summary["questions"],
             summary["dropped"],
         )
+
+
+#: The PRM demo's folder of PRM data (``data.meta_path`` = ``<it>/meta.json``, `vlmtune prm-data`'s output);
+#: `prepare_demo_inputs` knows the demo by it.
+PRM_DATA = "prm_data"
+#: How the weak policy samples solutions and Monte-Carlo completions for the PRM data (`vlmtune prm-data`).
+PRM_SAMPLING = {"n": 4, "m": 4, "temperature": 0.7, "max_new_tokens": 24, "seed": 0}
+
+
+def prepare_prm_demo(
+    cfg: Any,
+    num_questions: int = 400,
+    num_eval: int = 300,
+    weak_steps: int = 80,
+    base_steps: int = 1500,
+    sampling: dict[str, Any] | None = None,
+) -> None:
+    """The PRM demo's inputs, in the folder above ``data.meta_path`` (``outputs/demo_prm``): the multi-step
+    questions (`generate_step_dataset`, with the general mixture), the weak policy (``weak/hf``: the SFT
+    demo on the multi-step questions for ``weak_steps``), the PRM's base (``model.pretrained``: a general
+    model, SFT on the general mixture for ``base_steps``, as VisualPRM starts from InternVL rather than
+    from the policy) and the PRM data: the weak policy's own solutions to the first ``num_questions``
+    training questions, labelled by its Monte-Carlo completions (`vlmtune prm-data` with `PRM_SAMPLING`,
+    ``sampling`` overriding fields). `vlmtune best-of-n` then runs the weak policy against the PRM."""
+    from vlmtune.data.synthetic import generate_step_dataset
+    from vlmtune.train.commands.prm_data import PRMDataConfig, prm_data
+    from vlmtune.train.model.tiny import build_tiny_checkpoint
+    from vlmtune.train.runtime.sampler import TransformersEngine
+
+    prm_dir = Path(cfg.data.meta_path).parent
+    root = prm_dir.parent
+    data = root / "data"
+    if not (data / "meta_general_train.json").exists():
+        log.info("generating the multi-step questions in %s", data)
+        generate_step_dataset(data, num_eval=num_eval, max_aspect=DEMO_MAX_ASPECT, general=True)
+    if not (root / "tiny_init" / "config.json").exists():
+        build_tiny_checkpoint(root / "tiny_init")
+    weak = root / "weak" / "hf"
+    train_weak_sft(weak, data, weak_steps)
+    base = Path(cfg.model.pretrained)
+    if base.parent.parent != root:
+        raise ValueError(f"the PRM demo trains its base in {root}; model.pretrained={base} is elsewhere")
+    train_weak_sft(base, data, base_steps, meta="meta_general_train.json")
+    if not Path(cfg.data.meta_path).exists():
+        model = str(weak.resolve())
+        log.info("labelling the weak policy's own solutions in %s", prm_dir)
+        prm_cfg = PRMDataConfig(
+            model=model,
+            meta=str(data / "meta_train.json"),
+            out=str(prm_dir),
+            max_questions=num_questions,
+            **{**PRM_SAMPLING, **(sampling or {})},
+        )
+        summary = prm_data(prm_cfg, TransformersEngine(model), identity=f"transformers:{model}")
+        assert summary is not None  # rank 0
+        log.info("PRM data: %s", json.dumps(summary))
 
 
 def run_sft_demo(overrides: list[str]) -> None:

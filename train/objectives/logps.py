@@ -21,7 +21,7 @@ from vlmtune.train.model.liger_head import liger_token_logps, liger_weighted_log
 from vlmtune.train.model.lm_head import HEAD_KERNEL_ATTR, token_logps, weighted_logp_sum
 from vlmtune.train.model.sequence_parallel import active_sequence_parallel, owned
 from vlmtune.train.model.unwrap import unwrap
-from vlmtune.train.objectives.losses import weighted_nll_sum
+from vlmtune.train.objectives.losses import verdict_nll_sum, weighted_nll_sum
 
 
 class HeadOps(NamedTuple):
@@ -104,9 +104,7 @@ def forward_weighted_nll(
     chunk of logits at a time (Liger's kernel on every input under ``model.head_kernel=liger``), with its
     gradients made in the forward pass (no fourth matmul). Under sequence parallelism (one row) it is the
     sum over this rank's slice."""
-    mine = owned(active_sequence_parallel(), keep, batch["input_ids"])
-    if mine is not None:
-        keep, targets, weights = keep[mine], targets[:, mine], weights[:, mine]
+    keep, targets, weights = _own_slice(batch, keep, targets, weights)
     ops = _head_ops(model, targets.numel())
     if ops is None:
         logits = forward_logits(model, batch, keep)
@@ -119,3 +117,35 @@ def forward_weighted_nll(
         )
 
     return forward_logits(model, batch, keep, head=head)
+
+
+def forward_verdict_nll(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    keep: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    verdict_ids: tuple[int, int],
+) -> torch.Tensor:
+    """A PRM's loss sum (losses.verdict_nll_sum) at positions ``keep``, as `forward_weighted_nll` takes SFT's:
+    the LM head runs for the ``+`` and ``-`` rows only. Under sequence parallelism, this rank's slice."""
+    keep, targets, weights = _own_slice(batch, keep, targets, weights)
+    rows = list(verdict_ids)
+
+    def two_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = hidden @ weight[rows].t()
+        return out if bias is None else out + bias[rows]
+
+    pair = forward_logits(model, batch, keep, head=two_rows)
+    return verdict_nll_sum(pair, targets, weights, *verdict_ids)
+
+
+def _own_slice(
+    batch: dict[str, Any], keep: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept positions (and their targets and weights) in this rank's sequence-parallel slice; all of
+    them outside sequence parallelism."""
+    mine = owned(active_sequence_parallel(), keep, batch["input_ids"])
+    if mine is None:
+        return keep, targets, weights
+    return keep[mine], targets[:, mine], weights[:, mine]

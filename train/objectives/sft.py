@@ -37,9 +37,20 @@ class SFTObjective:
         targets, weights = batch["targets"], batch["weights"]
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # sequence positions with a target
         with sequence_parallel_forward(model):  # a rank of an SP group: its slice's share of the sum
-            loss_sum = forward_weighted_nll(model, batch, keep, targets[:, keep], weights[:, keep])
+            loss_sum = self.loss_sum(model, batch, keep, targets[:, keep], weights[:, keep])
         loss = loss_sum / totals[0].to(loss_sum.device, loss_sum.dtype)
         return loss, {"loss": loss.item()}
+
+    def loss_sum(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        keep: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The weighted loss sum at positions ``keep``: next-token NLL (a PRM's objective overrides it)."""
+        return forward_weighted_nll(model, batch, keep, targets, weights)
 
     def on_step_end(self, applied: bool = True) -> None:
         """Nothing carries over between steps."""

@@ -11,7 +11,8 @@ from tests.train.helpers import make_sample, tiny_model, tiny_tokenizer
 from vlmtune.data.collate import collate_packed, collate_padded
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.train.model.forward import forward_logits
-from vlmtune.train.objectives.verdict import PRMObjective, verdict_nll_sum
+from vlmtune.train.objectives.losses import verdict_nll_sum
+from vlmtune.train.objectives.verdict import PRMObjective
 from vlmtune.train.runtime.prm_score import verdict_ids
 
 

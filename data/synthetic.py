@@ -716,9 +716,8 @@ def make_general_records(step_records: list[dict[str, Any]], rng: random.Random)
     values = {"colour": tuple(COLOURS), "shape": SHAPES}
     out: list[dict[str, Any]] = []
     for record in step_records:
-        truth = dict(zip(("colour", "shape"), record["answer"].split()))
+        truth, image = dict(zip(("colour", "shape"), record["answer"].split())), record["image"]
         for attr, pool in values.items():
-            image = record["image"]
             out.append(_record(image, READ_QUESTIONS[attr], truth[attr], f"read_{attr}"))
             claim = truth[attr] if rng.random() < 0.5 else rng.choice([v for v in pool if v != truth[attr]])
             answer = "yes" if claim == truth[attr] else "no"
@@ -727,9 +726,10 @@ def make_general_records(step_records: list[dict[str, Any]], rng: random.Random)
             colour, kind = (
                 (word, rng.choice(SHAPES)) if attr == "colour" else (rng.choice(list(COLOURS)), word)
             )
-            sentence = rng.choice(step_solution(colour, kind).split("\n\n"))
+            lines = step_solution(colour, kind).split("\n\n")
+            sentence = rng.choice(lines)
             if word not in sentence:  # the answer line names both; the other lines one attribute each
-                sentence = step_solution(colour, kind).split("\n\n")[0 if attr == "colour" else 1]
+                sentence = lines[0 if attr == "colour" else 1]
             text = f"{sentence}\n{WORDING_QUESTIONS[attr]}"
             out.append({"conversations": _turns(text, word), "task": f"wording_{attr}", "answer": word})
     rng.shuffle(out)

@@ -190,7 +190,6 @@ def prepare_onpolicy_demo(
     """
     from vlmtune.data.synthetic import generate_sft_dataset
     from vlmtune.train.commands.make_pairs import PairsConfig, make_pairs
-    from vlmtune.train.runtime.sampler import TransformersEngine
 
     pairs = Path(cfg.data.meta_path).parent
     data = pairs.parent / "data"
@@ -210,18 +209,17 @@ def prepare_onpolicy_demo(
             max_aspect=DEMO_MAX_ASPECT,
         )
     if not Path(cfg.data.meta_path).exists():
-        model = str(weak.resolve())
         log.info("sampling the weak model's own answers for pairs in %s", pairs)
-        pairs_cfg = PairsConfig(
-            model=model,
+        summary = sample_with(
+            make_pairs,
+            PairsConfig,
+            weak,
             meta=str(data / "meta_train.json"),
             out=str(pairs),
             pipeline="correctness",
             max_questions=num_questions,
             **{**ONPOLICY_SAMPLING, **(sampling or {})},
         )
-        summary = make_pairs(pairs_cfg, TransformersEngine(model), identity=f"transformers:{model}")
-        assert summary is not None  # rank 0
         log.info(
             "%d pairs from %d questions (dropped: %s)",
             summary["pairs"],
@@ -255,7 +253,6 @@ def prepare_prm_demo(
     from vlmtune.data.synthetic import generate_step_dataset
     from vlmtune.train.commands.prm_data import PRMDataConfig, prm_data
     from vlmtune.train.model.tiny import build_tiny_checkpoint
-    from vlmtune.train.runtime.sampler import TransformersEngine
 
     prm_dir = Path(cfg.data.meta_path).parent
     root = prm_dir.parent
@@ -272,18 +269,28 @@ def prepare_prm_demo(
         raise ValueError(f"the PRM demo trains its base in {root}; model.pretrained={base} is elsewhere")
     train_weak_sft(base, data, base_steps, meta="meta_general_train.json")
     if not Path(cfg.data.meta_path).exists():
-        model = str(weak.resolve())
         log.info("labelling the weak policy's own solutions in %s", prm_dir)
-        prm_cfg = PRMDataConfig(
-            model=model,
+        summary = sample_with(
+            prm_data,
+            PRMDataConfig,
+            weak,
             meta=str(data / "meta_train.json"),
             out=str(prm_dir),
             max_questions=num_questions,
             **{**PRM_SAMPLING, **(sampling or {})},
         )
-        summary = prm_data(prm_cfg, TransformersEngine(model), identity=f"transformers:{model}")
-        assert summary is not None  # rank 0
         log.info("PRM data: %s", json.dumps(summary))
+
+
+def sample_with(command: Any, config: Any, model: Path, **fields: Any) -> dict[str, Any]:
+    """A sampling command (`make_pairs`, `prm_data`) run in this process on ``model`` through transformers,
+    as its command line would (the same identity in its provenance); returns its summary."""
+    from vlmtune.train.runtime.sampler import TransformersEngine
+
+    path = str(model.resolve())
+    summary = command(config(model=path, **fields), TransformersEngine(path), identity=f"transformers:{path}")
+    assert summary is not None  # rank 0: a demo prepares on one process
+    return summary
 
 
 def run_sft_demo(overrides: list[str]) -> None:

@@ -231,26 +231,33 @@ def prepare_onpolicy_demo(
 #: The PRM demo's folder of PRM data (``data.meta_path`` = ``<it>/meta.json``, `vlmtune prm-data`'s output);
 #: `prepare_demo_inputs` knows the demo by it.
 PRM_DATA = "prm_data"
-#: How the weak policy samples solutions and Monte-Carlo completions for the PRM data (`vlmtune prm-data`).
-PRM_SAMPLING = {"n": 4, "m": 4, "temperature": 0.7, "max_new_tokens": 24, "seed": 0}
+#: How the weak policy samples solutions and Monte-Carlo completions for the PRM data (`vlmtune prm-data`);
+#: `vlmtune best-of-n` samples at the same temperature (the preset's header).
+PRM_SAMPLING = {"n": 4, "m": 4, "temperature": 1.0, "max_new_tokens": 24, "seed": 0}
+#: The weak policy's training questions: the first of the multi-step training split. Why so few, trained
+#: for longer (measured on 300 held-out questions, 8 samples each): a policy trained briefly on all 2,000
+#: (80 steps) reads the shape at 0.42 when sampling but its answer repeats its own steps only 25% of the
+#: time, so a step's Monte-Carlo label says nothing about the step; 150 questions for 250 steps give one
+#: whose answers follow its steps (98%) and whose errors are its shape reads (0.69 right, T=1.0).
+PRM_POLICY_QUESTIONS = 150
 
 
 def prepare_prm_demo(
     cfg: Any,
     num_questions: int = 400,
     num_eval: int = 300,
-    weak_steps: int = 80,
+    weak_steps: int = 250,
     base_steps: int = 1500,
     sampling: dict[str, Any] | None = None,
 ) -> None:
     """The PRM demo's inputs, in the folder above ``data.meta_path`` (``outputs/demo_prm``): the multi-step
     questions (`generate_step_dataset`, with the general mixture), the weak policy (``weak/hf``: the SFT
-    demo on the multi-step questions for ``weak_steps``), the PRM's base (``model.pretrained``: a general
+    demo on the first `PRM_POLICY_QUESTIONS` multi-step questions for ``weak_steps``), the PRM's base (``model.pretrained``: a general
     model, SFT on the general mixture for ``base_steps``, as VisualPRM starts from InternVL rather than
     from the policy) and the PRM data: the weak policy's own solutions to the first ``num_questions``
     training questions, labelled by its Monte-Carlo completions (`vlmtune prm-data` with `PRM_SAMPLING`,
     ``sampling`` overriding fields). `vlmtune best-of-n` then runs the weak policy against the PRM."""
-    from vlmtune.data.synthetic import generate_step_dataset
+    from vlmtune.data.synthetic import generate_step_dataset, write_split
     from vlmtune.train.commands.prm_data import PRMDataConfig, prm_data
     from vlmtune.train.model.tiny import build_tiny_checkpoint
 
@@ -262,8 +269,11 @@ def prepare_prm_demo(
         generate_step_dataset(data, num_eval=num_eval, max_aspect=DEMO_MAX_ASPECT, general=True)
     if not (root / "tiny_init" / "config.json").exists():
         build_tiny_checkpoint(root / "tiny_init")
+    if not (data / "meta_policy_train.json").exists():
+        lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()[:PRM_POLICY_QUESTIONS]
+        write_split(data, "policy_train", "steps_train", [json.loads(line) for line in lines])
     weak = root / "weak" / "hf"
-    train_weak_sft(weak, data, weak_steps)
+    train_weak_sft(weak, data, weak_steps, meta="meta_policy_train.json")
     base = Path(cfg.model.pretrained)
     if base.parent.parent != root:
         raise ValueError(f"the PRM demo trains its base in {root}; model.pretrained={base} is elsewhere")

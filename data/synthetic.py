@@ -709,10 +709,11 @@ def make_general_records(step_records: list[dict[str, Any]], rng: random.Random)
     (the claim right half the time, else another value); per attribute a text-only question on the wording
     of a step sentence (`step_solution`'s, any value). ``task``/``answer`` as the other generators'.
 
-    Why a base needs these (measured on the tiny model): SFT on the multi-step answers alone leaves the
-    claim of a step unreadable at the position that judges it (a linear probe: 0.48 of 6 colours), and a
-    PRM trained from there never learns to compare claim and image (held-out AUC 0.50 on noise-free labels);
-    the wording questions bring the claim there (probe 0.89), the checks the comparison itself."""
+    Why a base needs these (measured on the tiny model, PRMs trained at lr 1e-3, which the demo no longer
+    uses; not re-measured at its 3e-4): SFT on the multi-step answers alone leaves the claim of a step
+    unreadable at the position that judges it (a linear probe: 0.48 of 6 colours), and a PRM trained from
+    there never learnt to compare claim and image (held-out AUC 0.50 on noise-free labels); the wording
+    questions bring the claim there (probe 0.89), the checks the comparison itself."""
     values = {"colour": tuple(COLOURS), "shape": SHAPES}
     out: list[dict[str, Any]] = []
     for record in step_records:

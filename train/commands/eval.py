@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.answers import MATCH_MODES, answers_match
+from vlmtune.data.answers import DEFAULT_MARKER, MATCH_MODES, answers_match
 from vlmtune.train.runtime.evaluate import (
     evaluate_accuracy,
     majority_baseline,
@@ -48,6 +48,7 @@ def vlmtune_results(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         keep_records=True,
         match=args.match,
+        marker=args.marker,
     )
 
 
@@ -70,7 +71,9 @@ def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         for i, a in zip(items, answers)
     ]
-    correct = sum(answers_match(r["prediction"], r["answer"], args.match) for r in records)
+    correct = sum(
+        answers_match(r["prediction"], r["answer"], args.match, marker=args.marker) for r in records
+    )
     results: dict[str, Any] = {
         "accuracy": correct / max(1, len(records)),
         "majority_baseline": majority_baseline(records),
@@ -79,7 +82,7 @@ def serving_results(engine: str, args: argparse.Namespace) -> dict[str, Any]:
         "items": items,
     }
     if len({r["dataset"] for r in records}) > 1:
-        results["per_dataset"] = per_dataset_scores(records, args.match)
+        results["per_dataset"] = per_dataset_scores(records, args.match, args.marker)
     return results
 
 
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=MATCH_MODES,
         help="how an answer is compared (data/answers.py)",
     )
+    parser.add_argument("--marker", default=DEFAULT_MARKER, help="what precedes the answer (--match marker)")
     args = parser.parse_args(argv)
     engines = ENGINES if args.engine == "all" else tuple(e.strip() for e in args.engine.split(","))
     if unknown := [e for e in engines if e not in ENGINES]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vlmtune.data.answers import answers_match, normalise_answer
+from vlmtune.data.answers import DEFAULT_MARKER, answers_match, normalise_answer
 from vlmtune.data.conversation import IGNORE_INDEX
 
 
@@ -156,11 +156,13 @@ def evaluate_accuracy(
     max_new_tokens: int = 8,
     keep_records: bool = False,
     match: str = "normalised",
+    marker: str = DEFAULT_MARKER,
 ) -> dict[str, Any]:
     """Exact-match accuracy (and the blank-image control) on ``data_cfg``'s held-out split, all ranks.
 
     ``keep_records``: every question's record (source file:line, answer, prediction) under
-    ``records``, for comparing engines (`vlmtune eval --engine all`)."""
+    ``records``, for comparing engines (`vlmtune eval --engine all`). ``match``/``marker``: how an answer
+    is compared (data/answers.py; ``marker`` is what precedes the answer in mode ``marker``)."""
     from vlmtune.data.dataset import SampleProcessor, iter_samples
     from vlmtune.data.meta import build_index, load_meta
     from vlmtune.data.report import SkipReport
@@ -201,8 +203,8 @@ def evaluate_accuracy(
         for s, (_, answer, question), pred, pred_blank, (ids, finished) in list(
             zip(batch, parts, preds, blank, tokens)
         )[:real]:
-            ok = answers_match(pred, answer, match)
-            ok_blank = answers_match(pred_blank, answer, match)
+            ok = answers_match(pred, answer, match, marker=marker)
+            ok_blank = answers_match(pred_blank, answer, match, marker=marker)
             counts += torch.tensor([ok, ok_blank, 1.0], dtype=torch.float64)
             records.append(
                 {
@@ -232,7 +234,7 @@ def evaluate_accuracy(
         **repetition_scores(records),
     }
     if len(specs) > 1:
-        results["per_dataset"] = per_dataset_scores(records, match)
+        results["per_dataset"] = per_dataset_scores(records, match, marker)
     if texts:
         from vlmtune.train.runtime.perplexity import text_perplexity
 
@@ -240,7 +242,9 @@ def evaluate_accuracy(
     return {**results, "examples": records[:10], **({"records": records} if keep_records else {})}
 
 
-def per_dataset_scores(records: list[dict], match: str = "normalised") -> dict[str, dict[str, float]]:
+def per_dataset_scores(
+    records: list[dict], match: str = "normalised", marker: str = DEFAULT_MARKER
+) -> dict[str, dict[str, float]]:
     """Accuracy, blank-image accuracy (where the records have it), majority baseline and sample count
     of each dataset's records."""
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -248,7 +252,7 @@ def per_dataset_scores(records: list[dict], match: str = "normalised") -> dict[s
         groups[r["dataset"]].append(r)
 
     def hits(rs: list[dict], key: str) -> int:
-        return sum(answers_match(r[key], r["answer"], match) for r in rs)
+        return sum(answers_match(r[key], r["answer"], match, marker=marker) for r in rs)
 
     out = {}
     for name, rs in sorted(groups.items()):

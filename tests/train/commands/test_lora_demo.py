@@ -39,6 +39,16 @@ def test_per_dataset_scores_by_hand():
     }
 
 
+def test_per_dataset_scores_read_the_answer_after_the_given_marker():
+    """`vlmtune eval --match marker --marker M`: the answer is what follows the last M."""
+    records = [
+        {"dataset": "d", "question": "q", "answer": "red", "prediction": "Reason: blue.\nFinal: red"},
+        {"dataset": "d", "question": "q", "answer": "green", "prediction": "Answer: blue\nFinal: green"},
+    ]
+    assert per_dataset_scores(records, "marker", "Final:")["d"]["accuracy"] == 1.0  # red, green
+    assert per_dataset_scores(records, "marker")["d"]["accuracy"] == 0.0  # after "Answer:": none, blue
+
+
 def test_background_task_answer_is_the_background_colour(tmp_path):
     generate_sft_dataset(
         tmp_path, num_train=60, num_eval=12, seed=3, task_weights=LORA_DEMO_TASKS, name="background"

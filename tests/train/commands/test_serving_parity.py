@@ -30,6 +30,7 @@ def engines_eval(demo_run, engines: str, tmp_path) -> dict:
             max_samples=None,
             max_new_tokens=8,
             match="normalised",
+            marker="Answer:",
         )
         return vlmtune_results(args)
     report = tmp_path / "eval.json"

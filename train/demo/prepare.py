@@ -252,11 +252,12 @@ def prepare_prm_demo(
 ) -> None:
     """The PRM demo's inputs, in the folder above ``data.meta_path`` (``outputs/demo_prm``): the multi-step
     questions (`generate_step_dataset`, with the general mixture), the weak policy (``weak/hf``: the SFT
-    demo on the first `PRM_POLICY_QUESTIONS` multi-step questions for ``weak_steps``), the PRM's base (``model.pretrained``: a general
-    model, SFT on the general mixture for ``base_steps``, as VisualPRM starts from InternVL rather than
-    from the policy) and the PRM data: the weak policy's own solutions to the first ``num_questions``
-    training questions, labelled by its Monte-Carlo completions (`vlmtune prm-data` with `PRM_SAMPLING`,
-    ``sampling`` overriding fields). `vlmtune best-of-n` then runs the weak policy against the PRM."""
+    demo on the first `PRM_POLICY_QUESTIONS` multi-step questions for ``weak_steps``), the PRM's base
+    (``model.pretrained``: a general model, SFT on the general mixture for ``base_steps``, as VisualPRM
+    starts from InternVL rather than from the policy) and the PRM data: the weak policy's own solutions
+    to the first ``num_questions`` training questions, labelled by its Monte-Carlo completions
+    (`vlmtune prm-data` with `PRM_SAMPLING`, ``sampling`` overriding fields). `vlmtune best-of-n` then
+    runs the weak policy against the PRM."""
     from vlmtune.data.synthetic import generate_step_dataset, write_split
     from vlmtune.train.commands.prm_data import PRMDataConfig, prm_data
     from vlmtune.train.model.tiny import build_tiny_checkpoint
